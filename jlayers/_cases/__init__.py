@@ -1,0 +1,1 @@
+"""Configuration grids of the registry, one module per op family (see ``jlayers.registry``)."""

@@ -1,0 +1,18 @@
+"""Grid for ``relu``: shapes of several ranks, values kept off the kink (it has its own test)."""
+
+from jlayers.activation import relu, relu_reference
+from jlayers.registry import Case, OpSpec, away_from_zero
+
+
+def _case(shape):
+  return Case("x".join(map(str, shape)), lambda rng, dtype: (away_from_zero(rng, shape, dtype),))
+
+
+SPECS = [
+    OpSpec(
+        "relu", relu, relu_reference,
+        tuple(_case(s) for s in ((7,), (3, 5), (2, 3, 4), (2, 4, 4, 3), (1, 1))),
+        bench=Case("128x28x28x32",
+                   lambda rng, dtype: (away_from_zero(rng, (128, 28, 28, 32), dtype),)),
+    ),
+]

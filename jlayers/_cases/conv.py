@@ -1,0 +1,3 @@
+"""Grid for the conv family (filled in with the op)."""
+
+SPECS = []

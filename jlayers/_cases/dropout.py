@@ -1,0 +1,3 @@
+"""Grid for the dropout family (filled in with the op)."""
+
+SPECS = []

@@ -1,0 +1,32 @@
+"""Grid for ``linear``: leading-dimension counts, sizes, with and without bias."""
+
+import itertools
+
+from jlayers.linear import linear, linear_reference
+from jlayers.registry import Case, OpSpec, normal
+
+
+def _case(lead, n_in, n_out, bias):
+  def make(rng, dtype):
+    args = (normal(rng, (*lead, n_in), dtype), normal(rng, (n_in, n_out), dtype))
+    return (*args, normal(rng, (n_out,), dtype)) if bias else args
+
+  lead_id = "x".join(map(str, lead)) or "vec"
+  return Case(f"{lead_id}-{n_in}to{n_out}-{'bias' if bias else 'nobias'}", make,
+              diff=(0, 1, 2) if bias else (0, 1))
+
+
+_LEADS = ((), (5,), (2, 3), (2, 1, 3))
+_SIZES = ((4, 3), (1, 6), (7, 1))
+SPECS = [
+    OpSpec(
+        "linear", linear, linear_reference,
+        tuple(_case(lead, i, o, bias)
+              for lead, (i, o), bias in itertools.product(_LEADS, _SIZES, (True, False))),
+        order2=("2x3-4to3-bias", "vec-4to3-nobias"),
+        bench=Case("1024x1024", lambda rng, dtype: (normal(rng, (1024, 1024), dtype),
+                                                     normal(rng, (1024, 1024), dtype),
+                                                     normal(rng, (1024,), dtype)),
+                   diff=(0, 1, 2)),
+    ),
+]

@@ -1,0 +1,3 @@
+"""Grid for the loss family (filled in with the op)."""
+
+SPECS = []

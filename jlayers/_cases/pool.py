@@ -1,0 +1,3 @@
+"""Grid for the pool family (filled in with the op)."""
+
+SPECS = []

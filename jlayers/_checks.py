@@ -1,0 +1,99 @@
+"""Trace-time argument validation shared by every op.
+
+Every check runs on static information only (shapes, dtypes, Python config values), so it
+raises the same error eagerly and under ``jax.jit``. Messages name the op, the argument, what
+was expected and what came, as a single string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_array(op: str, name: str, x) -> jax.Array:
+  """Converts ``x`` to an array, rejecting objects that are not array-like."""
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    return jnp.asarray(x)
+  if isinstance(x, (bool, int, float)):
+    return jnp.asarray(x)
+  raise TypeError(f"{op}: {name} must be an array, got {type(x).__name__}")
+
+
+def floating(op: str, name: str, x) -> jax.Array:
+  """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is floating."""
+  x = as_array(op, name, x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{op}: {name} must have a floating dtype, got {x.dtype}")
+  return x
+
+
+def same_dtype(op: str, **arrays) -> None:
+  """Raises ``TypeError`` unless all given arrays (``None`` skipped) share one dtype."""
+  named = [(n, a) for n, a in arrays.items() if a is not None]
+  first_name, first = named[0]
+  for name, a in named[1:]:
+    if a.dtype != first.dtype:
+      raise TypeError(
+          f"{op}: {name} must have the same dtype as {first_name} ({first.dtype}), got {a.dtype}")
+
+
+def rank(op: str, name: str, x: jax.Array, expected: int | Sequence[int], what: str = "") -> None:
+  """Raises ``ValueError`` unless ``x.ndim`` is ``expected`` (an int or a collection)."""
+  allowed = (expected,) if isinstance(expected, int) else tuple(expected)
+  if x.ndim not in allowed:
+    want = " or ".join(str(r) for r in allowed)
+    detail = f" {what}" if what else ""
+    raise ValueError(f"{op}: {name} must have rank {want}{detail}, got shape {tuple(x.shape)}")
+
+
+def min_rank(op: str, name: str, x: jax.Array, minimum: int, what: str = "") -> None:
+  """Raises ``ValueError`` unless ``x.ndim >= minimum``."""
+  if x.ndim < minimum:
+    detail = f" {what}" if what else ""
+    raise ValueError(
+        f"{op}: {name} must have rank at least {minimum}{detail}, got shape {tuple(x.shape)}")
+
+
+def shape(op: str, name: str, x: jax.Array, expected: tuple[int, ...], what: str = "") -> None:
+  """Raises ``ValueError`` unless ``x.shape == expected``."""
+  if tuple(x.shape) != tuple(expected):
+    detail = f" {what}" if what else ""
+    raise ValueError(
+        f"{op}: {name} must have shape {tuple(expected)}{detail}, got {tuple(x.shape)}")
+
+
+def axis_index(op: str, name: str, axis, ndim: int) -> int:
+  """Normalises an integer axis into ``[0, ndim)``, raising on a bad type or value."""
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(f"{op}: {name} must be an int, got {type(axis).__name__}")
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"{op}: {name}={axis} is out of range for an input of rank {ndim}")
+  return int(axis) % ndim
+
+
+def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:
+  """Normalises an int or a length-``n`` sequence of ints, each of which must be >= 1."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    value = (int(value),) * n
+  elif isinstance(value, Sequence) and not isinstance(value, str):
+    value = tuple(value)
+    if len(value) != n or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+      raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {value!r}")
+    value = tuple(int(v) for v in value)
+  else:
+    raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {value!r}")
+  if any(v < 1 for v in value):
+    raise ValueError(f"{op}: {name} must be positive, got {value}")
+  return value
+
+
+def layout(op: str, value) -> str:
+  """Validates a 2-D spatial layout name."""
+  if value not in ("NHWC", "NCHW"):
+    raise ValueError(f"{op}: layout must be 'NHWC' or 'NCHW', got {value!r}")
+  return value

@@ -1,0 +1,100 @@
+"""The one registry of ops: each op's manual rule, its autodiff twin and its configuration grid.
+
+The generic tests, ``python -m jlayers.check`` and ``python -m jlayers.bench`` all iterate
+:data:`OPS`. A case builds its positional arrays from a NumPy generator and a float dtype, so
+the same grid runs in float64 (inside ``jax.enable_x64``) and in low precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+MakeArgs = Callable[[np.random.Generator, Any], tuple]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One configuration of an op.
+
+  Attributes:
+    id: short readable name, unique within its op (used as the pytest id).
+    make: ``make(rng, dtype) -> args``, the positional arguments; float arrays in ``dtype``.
+    kwargs: the keyword-only (static) configuration.
+    diff: positions in ``args`` of the differentiable arguments.
+  """
+
+  id: str
+  make: MakeArgs
+  kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  diff: tuple[int, ...] = (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+  """An op family member: manual rule, autodiff twin, grid of cases.
+
+  Attributes:
+    name: public name (``jlayers.<name>`` and ``jlayers.reference.<name>``).
+    manual: the op with the hand-written ``custom_vjp``.
+    reference: the plain-jnp twin with the same signature.
+    cases: the configuration grid.
+    order2: ids of the cases that the (slower) second-order checks run on.
+    bench: ``bench(rng) -> Case``-like realistic-size case for the benchmark, or ``None``.
+  """
+
+  name: str
+  manual: Callable[..., Any]
+  reference: Callable[..., Any]
+  cases: tuple[Case, ...]
+  order2: tuple[str, ...] = ()
+  bench: Case | None = None
+
+  def case(self, case_id: str) -> Case:
+    for c in self.cases:
+      if c.id == case_id:
+        return c
+    raise KeyError(f"{self.name} has no case {case_id!r}")
+
+  @property
+  def order2_cases(self) -> tuple[Case, ...]:
+    return tuple(self.case(i) for i in self.order2) if self.order2 else self.cases[:1]
+
+
+def normal(rng: np.random.Generator, shape, dtype, scale: float = 1.0):
+  """Standard normal array of ``shape`` in ``dtype`` (drawn in float64, then cast)."""
+  return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
+
+
+def away_from_zero(rng: np.random.Generator, shape, dtype, gap: float = 0.1):
+  """Normal values with ``|v| >= gap``: keeps finite differences off a kink at 0."""
+  v = rng.standard_normal(shape)
+  v = np.where(np.abs(v) < gap, np.sign(v + 1e-12) * gap, v)
+  return jnp.asarray(v, dtype=dtype)
+
+
+# One grid module per op family, in ``jlayers/_cases/``.
+_FAMILIES = ("linear", "activation", "dropout", "batch_norm", "conv", "pool", "loss")
+
+
+def _collect() -> dict[str, OpSpec]:
+  import importlib  # noqa: PLC0415
+
+  specs: dict[str, OpSpec] = {}
+  for family in _FAMILIES:
+    module = importlib.import_module(f"jlayers._cases.{family}")
+    for spec in module.SPECS:
+      if spec.name in specs:
+        raise RuntimeError(f"op {spec.name!r} registered twice")
+      ids = [c.id for c in spec.cases]
+      if len(set(ids)) != len(ids):
+        raise RuntimeError(f"op {spec.name!r} has duplicate case ids")
+      specs[spec.name] = spec
+  return specs
+
+
+OPS: dict[str, OpSpec] = _collect()
