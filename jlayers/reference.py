@@ -4,9 +4,15 @@
 """
 
 from jlayers.activation import relu_reference as relu
+from jlayers.batch_norm import batch_norm_inference_reference as batch_norm_inference
+from jlayers.batch_norm import batch_norm_reference as batch_norm
+from jlayers.dropout import dropout_reference as dropout
 from jlayers.linear import linear_reference as linear
 
 __all__ = [
+    "batch_norm",
+    "batch_norm_inference",
+    "dropout",
     "linear",
     "relu",
 ]

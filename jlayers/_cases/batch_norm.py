@@ -1,3 +1,58 @@
-"""Grid for the batch_norm family (filled in with the op)."""
+"""Grids for ``batch_norm`` and ``batch_norm_inference``: feature axes, ranks, eps."""
 
-SPECS = []
+import jax.numpy as jnp
+
+from jlayers.batch_norm import (batch_norm, batch_norm_inference, batch_norm_inference_reference,
+                                batch_norm_reference)
+from jlayers.registry import Case, OpSpec, normal
+
+# (x shape, feature axis)
+_LAYOUTS = (((6, 3), -1), ((6, 3), 0), ((2, 4, 4, 3), -1), ((2, 3, 4, 5), 1),
+            ((3, 5, 2), 1), ((1, 4), -1), ((2, 3, 3, 4), 3))
+
+
+def _train_case(shape, axis, eps):
+  c = shape[axis]
+
+  def make(rng, dtype):
+    x = normal(rng, shape, dtype, scale=2.0) + jnp.asarray(0.5, dtype)
+    return x, normal(rng, (c,), dtype) + jnp.asarray(1.0, dtype), normal(rng, (c,), dtype)
+
+  return Case(f"{'x'.join(map(str, shape))}-axis{axis}-eps{eps:g}", make,
+              {"axis": axis, "eps": eps}, diff=(0, 1, 2))
+
+
+def _inference_case(shape, axis):
+  c = shape[axis]
+
+  def make(rng, dtype):
+    x = normal(rng, shape, dtype, scale=2.0)
+    var = jnp.asarray(rng.uniform(0.5, 2.0, c), dtype)
+    return x, normal(rng, (c,), dtype), normal(rng, (c,), dtype), normal(rng, (c,), dtype), var
+
+  return Case(f"{'x'.join(map(str, shape))}-axis{axis}", make, {"axis": axis},
+              diff=(0, 1, 2, 3, 4))
+
+
+def _bench(rng, dtype):
+  return (normal(rng, (64, 32, 32, 64), dtype), normal(rng, (64,), dtype),
+          normal(rng, (64,), dtype))
+
+
+SPECS = [
+    OpSpec(
+        "batch_norm", batch_norm, batch_norm_reference,
+        tuple(_train_case(s, a, e) for s, a in _LAYOUTS for e in (1e-5, 0.1)),
+        order2=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
+        bench=Case("64x32x32x64", _bench, diff=(0, 1, 2)),
+    ),
+    OpSpec(
+        "batch_norm_inference", batch_norm_inference, batch_norm_inference_reference,
+        tuple(_inference_case(s, a) for s, a in _LAYOUTS),
+        order2=("2x3x4x5-axis1",),
+        bench=Case("64x32x32x64", lambda rng, dtype: (*_bench(rng, dtype),
+                                                      normal(rng, (64,), dtype),
+                                                      jnp.ones((64,), dtype)),
+                   diff=(0, 1, 2, 3, 4)),
+    ),
+]

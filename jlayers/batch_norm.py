@@ -1,0 +1,287 @@
+"""Batch normalisation (training and inference) with hand-derived backward passes."""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from jlayers import _checks
+
+
+def _config(op, x, axis, eps, axis_name, **vectors):
+  """Validates everything static; returns ``x``, the normalised axis and the vectors."""
+  x = _checks.floating(op, "x", x)
+  _checks.min_rank(op, "x", x, 1)
+  axis = _checks.axis_index(op, "axis", axis, x.ndim)
+  if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+  if axis_name is not None:
+    try:
+      hash(axis_name)
+    except TypeError:
+      raise TypeError(f"{op}: axis_name must be hashable (a mapped axis name), "
+                      f"got {type(axis_name).__name__}") from None
+  out = {}
+  for name, v in vectors.items():
+    v = _checks.floating(op, name, v)
+    _checks.shape(op, name, v, (x.shape[axis],), f"(features,) matching x's axis {axis}")
+    out[name] = v
+  return x, axis, float(eps), out
+
+
+def _per_channel(v, ndim, axis):
+  """``v[C]`` reshaped to broadcast against a rank-``ndim`` array along ``axis``."""
+  return v.reshape(tuple(-1 if i == axis else 1 for i in range(ndim)))
+
+
+def _sum(v, axis, axis_name):
+  """Sum over every axis but ``axis`` (and over devices when ``axis_name`` is set)."""
+  s = jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != axis))
+  return s if axis_name is None else jax.lax.psum(s, axis_name)
+
+
+def _device_share(local, total, param, axis_name):
+  """The cotangent for a per-feature ``param`` under a mapped ``axis_name``.
+
+  Inside ``shard_map`` a replicated parameter needs the device-summed cotangent ``total``
+  (autodiff transposes its implicit broadcast to a ``psum``); a parameter that already varies
+  over the axis, or any parameter under ``pmap``, gets this device's ``local`` share.
+  """
+  if axis_name is None:
+    return local
+  varying = getattr(getattr(jax.typeof(param), "mat", None), "varying", None)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return total if varying is not None and not set(names) <= set(varying) else local
+
+
+def _count(x, axis, axis_name):
+  n = x.size // x.shape[axis]
+  return n if axis_name is None else jax.lax.psum(n, axis_name)
+
+
+# --------------------------------------------------------------------------------------------
+# Training mode.
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int = -1,
+               eps: float = 1e-5, axis_name=None):
+  r"""Batch normalisation with batch statistics, with a manual VJP.
+
+  .. math::
+    μ = \frac1N Σ x, \quad σ^2 = \frac1N Σ (x - μ)^2, \quad
+    \hat x = (x - μ) / \sqrt{σ^2 + ε}, \quad y = γ \hat x + β
+
+  where the sums run over every axis except ``axis`` (``N`` elements per feature) and, with
+  ``axis_name``, over the devices of that mapped axis too (synchronised batch norm).
+
+  Args:
+    x: float[..., C, ...] with the features on ``axis`` (default last: NHWC, (N, C)).
+    scale: float[C] (``γ``), any float dtype.
+    offset: float[C] (``β``), any float dtype.
+    axis: the feature axis.
+    eps: positive constant added to the variance.
+    axis_name: optional name of a ``pmap``/``shard_map`` axis to reduce the statistics over.
+
+  Returns:
+    ``(y, batch_mean, batch_var)``: ``y`` float[x.shape] in ``x``'s dtype; ``batch_mean`` and
+    ``batch_var`` float[C] (biased variance) in float32 for bf16/f16 ``x``, else ``x``'s dtype.
+    Statistics are computed in at least float32; the variance is two-pass and never negative.
+    Gradients flow through all three outputs.
+
+  Examples:
+    >>> import jax.numpy as jnp, jlayers
+    >>> y, m, v = jlayers.batch_norm(jnp.array([[1.0], [3.0]]), jnp.ones(1), jnp.zeros(1))
+    >>> y.ravel().round(3).tolist(), m.tolist(), v.tolist()
+    ([-1.0, 1.0], [2.0], [1.0])
+  """
+  x, axis, eps, v = _config("batch_norm", x, axis, eps, axis_name, scale=scale, offset=offset)
+  return _batch_norm(axis, eps, axis_name, x, v["scale"], v["offset"])
+
+
+def _train_forward(axis, eps, axis_name, x, scale, offset):
+  cdt = _checks.at_least_float32(x.dtype)
+  xc = x.astype(cdt)
+  n = _count(x, axis, axis_name)
+  mean = _sum(xc, axis, axis_name) / n
+  centred = xc - _per_channel(mean, x.ndim, axis)
+  var = _sum(centred * centred, axis, axis_name) / n
+  inv = jax.lax.rsqrt(var + eps)
+  xhat = centred * _per_channel(inv, x.ndim, axis)
+  y = xhat * _per_channel(scale.astype(cdt), x.ndim, axis) + _per_channel(
+      offset.astype(cdt), x.ndim, axis)
+  return (y.astype(x.dtype), mean, var), xhat, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _batch_norm(axis, eps, axis_name, x, scale, offset):
+  return _train_forward(axis, eps, axis_name, x, scale, offset)[0]
+
+
+def _batch_norm_fwd(axis, eps, axis_name, x, scale, offset):
+  """Saves ``x̂`` (in ``x``'s dtype) and the per-feature ``inv = 1/√(σ²+ε)`` and ``γ``.
+
+  The closed-form backward needs exactly these: ``x`` and ``μ`` enter only through ``x̂``, and
+  ``σ`` only through ``inv``. ``β`` is kept only for its dtype (a per-feature vector).
+  """
+  out, xhat, inv = _train_forward(axis, eps, axis_name, x, scale, offset)
+  return out, (xhat.astype(x.dtype), inv, scale, offset)
+
+
+def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
+  r"""Closed-form backward of batch normalisation.
+
+  Write ``g = ∂L/∂y`` and let sums run over the ``N`` elements of one feature. From
+  ``x̂_j = (x_j − μ)·inv`` with ``∂μ/∂x_i = 1/N`` and ``∂inv/∂x_i = −inv³ (x_i − μ)/N``
+  (the ``μ`` term of ``∂σ²/∂x_i`` cancels because ``Σ(x − μ) = 0``):
+
+  .. math::
+    \frac{∂\hat x_j}{∂x_i} = inv \Big(δ_{ij} - \frac1N - \frac{\hat x_i \hat x_j}{N}\Big)
+
+  The Jacobian is dense: every output of a feature depends on every input of it. Summing over
+  ``j`` with ``∂y_j/∂\hat x_j = γ``:
+
+  .. math::
+    dβ = Σ_j g_j, \qquad dγ = Σ_j g_j \hat x_j, \qquad
+    dx_i = \frac{γ \, inv}{N} \big(N g_i - dβ - \hat x_i \, dγ\big)
+
+  The seed notes keep only the diagonal ``j = i`` of this sum (``∂L/∂x_i = g_i ∂y_i/∂x_i``)
+  which drops the ``−dβ/N`` and ``−x̂_i dγ/N`` couplings through ``μ`` and ``σ``; they also
+  multiply by a stray ``Y`` and drop ``γ``. Both disagree with autodiff (see the tests).
+
+  The statistics are outputs too. With cotangents ``g_μ`` and ``g_{σ²}``:
+  ``∂μ/∂x_i = 1/N`` and ``∂σ²/∂x_i = 2(x_i − μ)/N = 2 \hat x_i /(inv·N)``, so
+
+  .. math::
+    dx_i \mathrel{+}= \frac{g_μ}{N} + \frac{2 g_{σ^2} \hat x_i}{inv \, N}
+
+  With ``axis_name`` the sums ``dβ, dγ`` used inside ``dx`` are over all devices (``N`` is the
+  global count); the returned ``dγ, dβ`` are this device's share, as autodiff of a ``psum``
+  gives (summed over devices for a parameter replicated across ``shard_map``). Work is in at
+  least float32, and each cotangent is cast to its input's dtype.
+  """
+  xhat_saved, inv, scale, offset = res
+  gy, gmean, gvar = cotangents
+  cdt = inv.dtype
+  nd = xhat_saved.ndim
+  xhat = xhat_saved.astype(cdt)
+  g = gy.astype(cdt)
+  red = tuple(i for i in range(nd) if i != axis)
+  dbeta_local = jnp.sum(g, axis=red)
+  dgamma_local = jnp.sum(g * xhat, axis=red)
+  if axis_name is None:
+    dbeta, dgamma = dbeta_local, dgamma_local
+  else:
+    dbeta, dgamma = jax.lax.psum((dbeta_local, dgamma_local), axis_name)
+  n = _count(xhat, axis, axis_name)
+  gamma_inv = scale.astype(cdt) * inv
+  pc = functools.partial(_per_channel, ndim=nd, axis=axis)
+  dx = pc(gamma_inv) * (g - pc(dbeta / n) - xhat * pc(dgamma / n))
+  dx = dx + pc(gmean.astype(cdt) / n) + xhat * pc(2 * gvar.astype(cdt) / (inv * n))
+  dgamma = _device_share(dgamma_local, dgamma, scale, axis_name)
+  dbeta = _device_share(dbeta_local, dbeta, offset, axis_name)
+  return dx.astype(gy.dtype), dgamma.astype(scale.dtype), dbeta.astype(offset.dtype)
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm_reference(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int = -1,
+                         eps: float = 1e-5, axis_name=None):
+  """Autodiff twin of :func:`batch_norm`: the same forward, differentiated by JAX."""
+  x, axis, eps, v = _config("batch_norm", x, axis, eps, axis_name, scale=scale, offset=offset)
+  return _train_forward(axis, eps, axis_name, x, v["scale"], v["offset"])[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Inference mode (given statistics).
+
+
+def batch_norm_inference(x: jax.Array, scale: jax.Array, offset: jax.Array, mean: jax.Array,
+                         var: jax.Array, *, axis: int = -1, eps: float = 1e-5) -> jax.Array:
+  r"""Batch normalisation with given (running) statistics, with a manual VJP.
+
+  .. math::
+    y = γ \, (x - m) / \sqrt{v + ε} + β
+
+  Args:
+    x: float[..., C, ...] with the features on ``axis``.
+    scale, offset: float[C], ``γ`` and ``β``.
+    mean, var: float[C], the statistics to normalise with (``var >= 0``).
+    axis: the feature axis.
+    eps: positive constant added to the variance.
+
+  Returns:
+    float[x.shape] in ``x``'s dtype (computed in at least float32). Every array argument gets
+    a gradient, so statistics can be fine-tuned too.
+
+  Examples:
+    >>> import jax.numpy as jnp, jlayers
+    >>> one = jnp.ones(1)
+    >>> y = jlayers.batch_norm_inference(jnp.array([[3.0]]), one, one, one, 4 * one, eps=1e-12)
+    >>> y.round(3).tolist()
+    [[2.0]]
+  """
+  x, axis, eps, v = _config("batch_norm_inference", x, axis, eps, None, scale=scale,
+                            offset=offset, mean=mean, var=var)
+  return _batch_norm_inference(axis, eps, x, v["scale"], v["offset"], v["mean"], v["var"])
+
+
+def _inference_forward(axis, eps, x, scale, offset, mean, var):
+  cdt = _checks.at_least_float32(x.dtype)
+  pc = functools.partial(_per_channel, ndim=x.ndim, axis=axis)
+  inv = jax.lax.rsqrt(var.astype(cdt) + eps)
+  xhat = (x.astype(cdt) - pc(mean.astype(cdt))) * pc(inv)
+  y = xhat * pc(scale.astype(cdt)) + pc(offset.astype(cdt))
+  return y.astype(x.dtype), xhat, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _batch_norm_inference(axis, eps, x, scale, offset, mean, var):
+  return _inference_forward(axis, eps, x, scale, offset, mean, var)[0]
+
+
+def _batch_norm_inference_fwd(axis, eps, x, scale, offset, mean, var):
+  """Saves ``x̂`` (in ``x``'s dtype), the per-feature ``inv`` and the four per-feature inputs
+  (for their dtypes and ``γ``); nothing else of ``x``'s size."""
+  y, xhat, inv = _inference_forward(axis, eps, x, scale, offset, mean, var)
+  return y, (xhat.astype(x.dtype), inv, scale, offset, mean, var)
+
+
+def _batch_norm_inference_bwd(axis, eps, res, g):
+  r"""Backward of ``y = γ x̂ + β`` with ``x̂ = (x − m)·inv`` and ``inv = (v + ε)^{-1/2}``.
+
+  Here ``m`` and ``v`` are inputs, not functions of ``x``, so the Jacobian in ``x`` is
+  diagonal. With ``dγ = Σ g x̂`` and ``∂inv/∂v = −inv³/2``, ``∂x̂/∂v = −x̂ inv²/2``:
+
+  .. math::
+    dx = γ\,inv\,g, \quad dβ = Σ g, \quad dγ = Σ g \hat x, \quad
+    dm = -γ\,inv\,Σ g, \quad dv = -\tfrac12 γ\,inv^2\,Σ g \hat x
+  """
+  xhat_saved, inv, scale, offset, mean, var = res
+  cdt = inv.dtype
+  xhat = xhat_saved.astype(cdt)
+  gc = g.astype(cdt)
+  red = tuple(i for i in range(g.ndim) if i != axis)
+  dbeta = jnp.sum(gc, axis=red)
+  dgamma = jnp.sum(gc * xhat, axis=red)
+  gamma_inv = scale.astype(cdt) * inv
+  dx = gc * _per_channel(gamma_inv, g.ndim, axis)
+  dmean = -gamma_inv * dbeta
+  dvar = -0.5 * gamma_inv * inv * dgamma
+  return (dx.astype(g.dtype), dgamma.astype(scale.dtype), dbeta.astype(offset.dtype),
+          dmean.astype(mean.dtype), dvar.astype(var.dtype))
+
+
+_batch_norm_inference.defvjp(_batch_norm_inference_fwd, _batch_norm_inference_bwd)
+
+
+def batch_norm_inference_reference(x: jax.Array, scale: jax.Array, offset: jax.Array,
+                                   mean: jax.Array, var: jax.Array, *, axis: int = -1,
+                                   eps: float = 1e-5) -> jax.Array:
+  """Autodiff twin of :func:`batch_norm_inference`."""
+  x, axis, eps, v = _config("batch_norm_inference", x, axis, eps, None, scale=scale,
+                            offset=offset, mean=mean, var=var)
+  return _inference_forward(axis, eps, x, v["scale"], v["offset"], v["mean"], v["var"])[0]

@@ -1,0 +1,140 @@
+"""Inverted dropout with a hand-derived backward pass."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlayers import _checks
+
+
+def _typed_key(key) -> jax.Array:
+  """A single typed PRNG key from a typed key or a raw ``uint32[2]`` (``jax.random.PRNGKey``)."""
+  if isinstance(key, (jax.Array, np.ndarray)):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+      if key.shape != ():
+        raise ValueError(f"dropout: key must be a single key, got a key array of shape {key.shape}")
+      return key
+    if key.dtype == jnp.uint32 and key.shape == (2,):
+      return jax.random.wrap_key_data(key)
+    raise TypeError(
+        "dropout: key must be a typed key (jax.random.key) or a raw uint32[2] key "
+        f"(jax.random.PRNGKey), got {key.dtype}{list(key.shape)}")
+  raise TypeError(f"dropout: key must be a PRNG key array, got {type(key).__name__}")
+
+
+def _rate(rate, dtype) -> jax.Array:
+  """Validates ``rate`` and returns it as a scalar array of the statistics dtype."""
+  wide = _checks.at_least_float32(dtype)
+  if isinstance(rate, numbers.Real) and not isinstance(rate, bool):
+    if not 0.0 <= float(rate) < 1.0:
+      raise ValueError(f"dropout: rate is the probability of dropping and must be in [0, 1), "
+                       f"got {rate}")
+    return jnp.asarray(rate, dtype=wide)
+  if not isinstance(rate, (jax.Array, np.ndarray, np.generic)):
+    raise TypeError(f"dropout: rate must be a float or a scalar float array, got "
+                    f"{type(rate).__name__}")
+  if rate.shape != () or not jnp.issubdtype(rate.dtype, jnp.floating):
+    raise TypeError(f"dropout: rate must be a scalar float array, got {rate.dtype}{list(rate.shape)}")
+  return jnp.asarray(rate).astype(wide)
+
+
+def _apply(forward, x, key, rate, broadcast_dims):
+  """Validation and mask sampling shared by the op and its twin, then ``forward``."""
+  x = _checks.floating("dropout", "x", x)
+  key = _typed_key(key)
+  dims = {_checks.axis_index("dropout", "broadcast_dims", d, x.ndim) for d in broadcast_dims}
+  rate_arr = _rate(rate, x.dtype)
+  if isinstance(rate, numbers.Real) and rate == 0:
+    return x
+  mask_shape = tuple(1 if i in dims else n for i, n in enumerate(x.shape))
+  keep = jax.random.bernoulli(key, 1.0 - rate_arr, mask_shape)
+  return forward(x, keep, rate_arr)
+
+
+def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Array:
+  r"""Inverted dropout with a manual VJP.
+
+  Each element is dropped with probability ``rate`` and the survivors are scaled by
+  ``1 / (1 - rate)`` so that the expectation is unchanged:
+
+  .. math::
+    y = \frac{m \odot x}{1 - p}, \qquad m_i \sim \mathrm{Bernoulli}(1 - p)
+
+  Args:
+    x: float[...] of any shape.
+    key: a typed key from ``jax.random.key`` or a raw ``uint32[2]`` from ``jax.random.PRNGKey``.
+    rate: probability of DROPPING, ``0 <= rate < 1``. A Python float is checked at trace time
+      (``rate=0`` returns ``x`` itself). A scalar float array may be traced, so one compiled
+      function serves every rate; a traced rate outside ``[0, 1)`` gives NaN outputs. ``rate``
+      receives no gradient.
+    broadcast_dims: axes along which one mask value is shared (as in Flax), e.g. ``(1, 2)``
+      for channel dropout of an NHWC feature map.
+
+  Returns:
+    float[...] with the shape and dtype of ``x``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jlayers
+    >>> y = jlayers.dropout(jnp.ones(6), jax.random.key(0), rate=0.5)
+    >>> sorted(set(y.tolist())) in ([0.0, 2.0], [2.0], [0.0])
+    True
+  """
+  return _apply(_dropout, x, key, rate, broadcast_dims)
+
+
+def _scale(rate_arr, dtype):
+  return (1.0 / (1.0 - rate_arr)).astype(dtype)
+
+
+def _forward(x, keep, rate_arr):
+  y = jnp.where(jnp.broadcast_to(keep, x.shape), x * _scale(rate_arr, x.dtype),
+                jnp.zeros_like(x))
+  valid = (rate_arr >= 0) & (rate_arr < 1)
+  return jnp.where(valid, y, jnp.full_like(y, jnp.nan))
+
+
+@jax.custom_vjp
+def _dropout(x, keep, rate_arr):
+  return _forward(x, keep, rate_arr)
+
+
+def _dropout_fwd(x, keep, rate_arr):
+  """Saves the boolean keep mask (one byte per mask element, fewer with ``broadcast_dims``)
+  and the scalar rate. Regenerating the mask from the key in the backward pass was measured
+  not to save memory on CPU (XLA merges the two random-number computations)."""
+  return _forward(x, keep, rate_arr), (keep, rate_arr)
+
+
+def _dropout_bwd(res, g):
+  r"""Backward of ``y = m ⊙ x / (1 - p)``.
+
+  With the mask ``m`` fixed, ``y`` is linear and diagonal in ``x``:
+
+  .. math::
+    \frac{∂y_i}{∂x_j} = δ_{ij} \frac{m_i}{1 - p}
+    \;\Rightarrow\; \frac{∂L}{∂x} = \frac{m ⊙ g}{1 - p}
+
+  which is the seed notes' ``∂L/∂X = ∂L/∂Y · M`` with the inverted-dropout scale. A mask
+  shared along ``broadcast_dims`` is broadcast back to ``x``'s shape. The mask is a sample,
+  not a function of ``x`` or ``p``, and ``p`` is treated as a constant (its cotangent is
+  ``None``, i.e. zero), as is the key. A traced ``p`` outside ``[0, 1)`` gives NaN here too.
+  """
+  keep, rate_arr = res
+  dx = _forward(g, keep, rate_arr)
+  return dx, None, None
+
+
+_dropout.defvjp(_dropout_fwd, _dropout_bwd)
+
+
+def dropout_reference(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Array:
+  """Autodiff twin of :func:`dropout`: the same mask for the same key, no custom rule.
+
+  ``rate`` is under ``stop_gradient``, matching the manual rule's zero cotangent for it.
+  """
+  return _apply(lambda x, keep, rate_arr: _forward(x, keep, jax.lax.stop_gradient(rate_arr)),
+                x, key, rate, broadcast_dims)

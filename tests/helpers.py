@@ -1,0 +1,22 @@
+"""Small helpers shared by the op-specific test modules."""
+
+import jax
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+
+def raises_eager_and_jit(exc, match, fn, *args):
+  """``fn(*args)`` raises ``exc`` matching ``match`` both eagerly and while tracing under jit."""
+  with pytest.raises(exc, match=match):
+    fn(*args)
+  with pytest.raises(exc, match=match):
+    jax.jit(fn)(*args)
+
+
+def residual_avals(fn, *args):
+  """Shapes and dtypes of what ``fn`` saves for its backward pass (arguments included)."""
+  return [aval for aval, _ in saved_residuals(fn, *args)]
+
+
+def residual_bytes(fn, *args):
+  return sum(a.size * a.dtype.itemsize for a in residual_avals(fn, *args))
