@@ -97,3 +97,10 @@ def layout(op: str, value) -> str:
   if value not in ("NHWC", "NCHW"):
     raise ValueError(f"{op}: layout must be 'NHWC' or 'NCHW', got {value!r}")
   return value
+
+
+def at_least_float32(dtype) -> jnp.dtype:
+  """The dtype statistics are computed in: ``dtype`` itself if it is at least 32 bits wide,
+  else float32 (for bfloat16 and float16). Independent of the dtype-promotion mode."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
