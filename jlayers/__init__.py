@@ -9,6 +9,7 @@ from jlayers.activation import relu
 from jlayers.batch_norm import batch_norm, batch_norm_inference
 from jlayers.dropout import dropout
 from jlayers.linear import linear
+from jlayers.loss import softmax_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "linear",
     "reference",
     "relu",
+    "softmax_cross_entropy",
 ]

@@ -8,6 +8,7 @@ from jlayers.batch_norm import batch_norm_inference_reference as batch_norm_infe
 from jlayers.batch_norm import batch_norm_reference as batch_norm
 from jlayers.dropout import dropout_reference as dropout
 from jlayers.linear import linear_reference as linear
+from jlayers.loss import softmax_cross_entropy_reference as softmax_cross_entropy
 
 __all__ = [
     "batch_norm",
@@ -15,4 +16,5 @@ __all__ = [
     "dropout",
     "linear",
     "relu",
+    "softmax_cross_entropy",
 ]

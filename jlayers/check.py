@@ -1,0 +1,107 @@
+"""``python -m jlayers.check``: every registered op's manual gradients against autodiff.
+
+For each op of :data:`jlayers.registry.OPS` and each case of its grid, runs ``jax.vjp`` of the
+manual rule and of the autodiff twin on the same inputs and random cotangents, in float32 and
+(unless ``--no-x64``) float64, and prints one row per case with the largest absolute and relative
+errors over the outputs and every gradient, and PASS or FAIL against the tolerances below.
+Exits with status 1 if any case fails.
+
+Examples::
+
+  python -m jlayers.check                       # everything, float32 and float64
+  python -m jlayers.check --op conv2d --no-x64  # one op, float32 only
+  python -m jlayers.check --max-cases 2         # a quick subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jlayers import _verify
+from jlayers.registry import OPS
+
+#: Relative-error tolerance per dtype: ``max|manual − autodiff| / max|autodiff|``.
+TOLERANCES = {"float32": 1e-4, "float64": 1e-10}
+
+
+def check_case(spec, case, dtypes, seed=0):
+  """Errors of one case in each dtype, as ``{dtype: (abs, rel, passed)}``."""
+  row = {}
+  for name in dtypes:
+    if name == "float64":
+      with jax.enable_x64(True):
+        result = _verify.compare(spec, case, jnp.float64, seed=seed, jit=True)
+    else:
+      result = _verify.compare(spec, case, jnp.dtype(name), seed=seed, jit=True)
+    row[name] = (result.worst_abs, result.worst_rel, result.worst_rel <= TOLERANCES[name])
+  return row
+
+
+def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False):
+  """Checks the selected ops; returns the number of failing cases."""
+  unknown = sorted(set(op_names or ()) - set(OPS))
+  if unknown:
+    raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(OPS)}")
+  dtypes = ("float32", "float64") if x64 else ("float32",)
+  rows, failures, start = [], 0, time.perf_counter()
+  if not as_json:
+    head = ["op", "case"] + [f"{d} {k}" for d in dtypes for k in ("abs", "rel")] + ["result"]
+    print("| " + " | ".join(head) + " |", file=out)
+    print("|" + "---|" * len(head), file=out)
+  for name, spec in OPS.items():
+    if op_names and name not in op_names:
+      continue
+    for case in spec.cases[:max_cases]:
+      errors = check_case(spec, case, dtypes)
+      passed = all(p for _, _, p in errors.values())
+      failures += not passed
+      rows.append({"op": name, "case": case.id, "passed": passed,
+                   **{f"{d}_{k}": errors[d][i] for d in dtypes
+                      for i, k in enumerate(("abs", "rel"))}})
+      if not as_json:
+        cells = [name, case.id] + [f"{errors[d][i]:.2e}" for d in dtypes for i in (0, 1)]
+        print("| " + " | ".join(cells + ["PASS" if passed else "FAIL"]) + " |", file=out,
+              flush=True)
+  summary = {"cases": len(rows), "failed": failures, "seconds": time.perf_counter() - start,
+             "tolerances": {d: TOLERANCES[d] for d in dtypes}}
+  for d in dtypes:
+    worst = {}
+    for r in rows:
+      worst[r["op"]] = max(worst.get(r["op"], 0.0), r[f"{d}_rel"])
+    summary[f"worst_{d}_rel"] = worst
+  if as_json:
+    json.dump({"rows": rows, "summary": summary}, out, indent=1)
+    print(file=out)
+  else:
+    print(f"\n{len(rows)} cases, {len(rows) - failures} passed, {failures} failed "
+          f"in {summary['seconds']:.0f} s; tolerances (max relative error): "
+          + ", ".join(f"{d} {TOLERANCES[d]:g}" for d in dtypes), file=out)
+    for d in dtypes:
+      worst = summary[f"worst_{d}_rel"]
+      print(f"worst {d} relative error per op: "
+            + ", ".join(f"{op} {v:.1e}" for op, v in worst.items()), file=out)
+  return failures
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m jlayers.check", description=__doc__.split(
+      "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--op", action="append", metavar="NAME",
+                      help=f"only this op (repeatable); one of {', '.join(OPS)}")
+  parser.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
+                      help="also check in float64 (default: on)")
+  parser.add_argument("--max-cases", type=int, default=None, metavar="N",
+                      help="only the first N cases of each op's grid")
+  parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  args = parser.parse_args(argv)
+  return 1 if run(args.op, args.x64, args.max_cases, as_json=args.json) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
