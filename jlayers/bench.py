@@ -20,28 +20,23 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from jlayers import __version__ as jlayers_version
+from jlayers import _bench_peers as peers
 from jlayers import _verify
+from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from jlayers.loss import softmax_cross_entropy
+from jlayers.models import Sequential
+from jlayers.reference import softmax_cross_entropy as softmax_cross_entropy_reference
 from jlayers.registry import OPS
 
-
-def time_ms(fn, steps: int = 10, warmup: int = 3) -> tuple[float, list[float]]:
-  """Median and all wall times in ms of ``fn()`` (its result blocked on), after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(1e3 * (time.perf_counter() - start))
-  return statistics.median(times), times
+time_ms = peers.time_ms
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -105,6 +100,68 @@ def bench_linear_throughput(steps: int, warmup: int, n: int = 1024) -> dict:
           "fraction_of_matmul": 3 * matmul_ms / linear_ms}
 
 
+def cnn() -> Sequential:
+  """The benchmark CNN (the same architecture as the Flax and PyTorch peers):
+  ``float32[N, 28, 28, 1] -> float32[N, 10]``."""
+  def block(features):
+    return [Conv2d(features, 3, padding="SAME", use_bias=False), BatchNorm(), ReLU(),
+            MaxPool2d(2)]
+  return Sequential([*block(32), *block(64), Flatten(), Linear(128), ReLU(),
+                     Dropout(peers.DROPOUT_RATE), Linear(peers.NUM_CLASSES)])
+
+
+def jlayers_train_step(impl: str, batch_size: int = 128, steps: int = 10, warmup: int = 3,
+                       seed: int = 0) -> dict:
+  """Times one jitted SGD-with-momentum training step of :func:`cnn` on the synthetic batch.
+
+  Compiled once (state donated, as in a training loop); ``temp_bytes`` from that compilation.
+  """
+  model = cnn()
+  x_np, y_np = peers.synthetic_batch(batch_size, seed)
+  x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+  params, state = model.init(jax.random.key(seed), x.shape)
+  opt = optax.sgd(peers.LEARNING_RATE, momentum=peers.MOMENTUM)
+  xent = softmax_cross_entropy if impl == "manual" else softmax_cross_entropy_reference
+
+  def loss_fn(params, state, x, y, key):
+    logits, state = model.apply(params, state, x, key=key, train=True, impl=impl)
+    return xent(logits, y), state
+
+  def step(params, state, opt_state, x, y, key):
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y, key)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), state, opt_state, loss
+
+  opt_state = opt.init(params)
+  key = jax.random.key(seed + 1)
+  compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+      params, state, opt_state, x, y, key).compile()
+  analysis = compiled.memory_analysis()
+  keys = iter(list(jax.random.split(key, warmup + steps)))
+  carry = (params, state, opt_state)
+
+  def run():
+    nonlocal carry
+    *new, loss = compiled(*carry, x, y, next(keys))
+    carry = tuple(new)
+    return loss
+
+  ms, ms_all = time_ms(run, steps, warmup)
+  return {"ms": ms, "ms_all": ms_all, "version": f"jlayers {jlayers_version}",
+          "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
+
+
+def bench_train_step(steps: int, warmup: int) -> dict:
+  """jlayers manual and autodiff, and the installed peers, one after another in this run."""
+  rows = {"jlayers manual": jlayers_train_step("manual", steps=steps, warmup=warmup),
+          "jlayers autodiff": jlayers_train_step("autodiff", steps=steps, warmup=warmup)}
+  for name, fn in (("Flax linen", peers.flax_train_step), ("PyTorch eager", peers.torch_train_step)):
+    result = fn(steps=steps, warmup=warmup)
+    if result is not None:
+      rows[name] = result
+  return rows
+
+
 def _fmt_bytes(b):
   return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
 
@@ -117,7 +174,7 @@ def print_tables(report, out=sys.stdout):
   m = report["machine"]
   print(f"Machine: {m['cpu']} ({m['cores']} cores), {m['platform']}, jax {m['jax']}, "
         f"backend {m['backend']}; median of {report['steps']} runs after {report['warmup']} "
-        "warm-up.\n", file=out)
+        f"warm-up; 1-minute load average {m['load_average_1min']:.1f} at the start.\n", file=out)
   if report.get("ops"):
     print("| op | size | manual ms | autodiff ms | time ratio | manual temp | autodiff temp "
           "| temp ratio | saved for bwd, manual / autodiff |", file=out)
@@ -134,6 +191,20 @@ def print_tables(report, out=sys.stdout):
           f"({r['linear_gflops']:.0f} GFLOP/s) vs one matmul {r['matmul_ms']:.2f} ms "
           f"({r['matmul_gflops']:.0f} GFLOP/s): {100 * r['fraction_of_matmul']:.0f} % of the "
           "matmul throughput.\n", file=out)
+  if report.get("train"):
+    rows = report["train"]
+    base = rows["jlayers manual"]
+    print("CNN training step (28×28×1, batch 128, conv32-BN-ReLU-pool-conv64-BN-ReLU-pool-"
+          "linear128-ReLU-dropout-linear10, SGD momentum):\n", file=out)
+    print("| implementation | ms / step (median) | fastest | temp memory | jlayers manual time "
+          "÷ this | jlayers manual memory ÷ this |", file=out)
+    print("|---|---:|---:|---:|---:|---:|", file=out)
+    for name, r in rows.items():
+      mem = (base["temp_bytes"] / r["temp_bytes"]) if r.get("temp_bytes") else None
+      print(f"| {name} ({r['version']}) | {r['ms']:.1f} | {min(r['ms_all']):.1f} | "
+            f"{_fmt_bytes(r.get('temp_bytes'))} | {_fmt_ratio(base['ms'] / r['ms'])} | "
+            f"{_fmt_ratio(mem)} |", file=out)
+    print(file=out)
 
 
 def machine() -> dict:
@@ -144,7 +215,8 @@ def machine() -> dict:
   except (OSError, StopIteration):
     pass
   return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(terse=True),
-          "jax": jax.__version__, "backend": jax.default_backend()}
+          "jax": jax.__version__, "backend": jax.default_backend(),
+          "load_average_1min": os.getloadavg()[0]}
 
 
 def main(argv=None) -> int:
@@ -164,6 +236,8 @@ def main(argv=None) -> int:
                      if spec.bench is not None and (not args.op or name in args.op)]
   if "linear" in sections:
     report["linear"] = bench_linear_throughput(args.steps, args.warmup)
+  if "train" in sections:
+    report["train"] = bench_train_step(args.steps, args.warmup)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()

@@ -6,15 +6,21 @@
 from jlayers.activation import relu_reference as relu
 from jlayers.batch_norm import batch_norm_inference_reference as batch_norm_inference
 from jlayers.batch_norm import batch_norm_reference as batch_norm
+from jlayers.conv import conv2d_reference as conv2d
 from jlayers.dropout import dropout_reference as dropout
 from jlayers.linear import linear_reference as linear
 from jlayers.loss import softmax_cross_entropy_reference as softmax_cross_entropy
+from jlayers.pool import avg_pool2d_reference as avg_pool2d
+from jlayers.pool import max_pool2d_reference as max_pool2d
 
 __all__ = [
+    "avg_pool2d",
     "batch_norm",
     "batch_norm_inference",
+    "conv2d",
     "dropout",
     "linear",
+    "max_pool2d",
     "relu",
     "softmax_cross_entropy",
 ]

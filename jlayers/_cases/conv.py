@@ -1,3 +1,58 @@
-"""Grid for the conv family (filled in with the op)."""
+"""Grid for ``conv2d``: stride × padding × dilation × groups × layout × spatial size (144 cases).
 
-SPECS = []
+Tiny shapes: batch 2, 4 input channels; odd cases are 5×5 with a 3×3 kernel, even cases 6×4
+with a non-square 3×2 kernel. Bias is on for half of the grid, spread over every axis.
+"""
+
+import itertools
+
+from jlayers.conv import conv2d, conv2d_reference
+from jlayers.registry import Case, OpSpec, normal
+
+_C = 4
+_STRIDES = (1, 2)
+_PADDINGS = (("same", "SAME"), ("valid", "VALID"), ("asym", ((1, 0), (0, 2))))
+_DILATIONS = (1, 2)
+_GROUPS = (("g1", 1), ("g2", 2), ("dw", _C))
+_LAYOUTS = ("NHWC", "NCHW")
+_SIZES = (("odd", (5, 5), (3, 3)), ("even", (6, 4), (3, 2)))
+
+
+def _case(stride, pad, dilation, group, layout, size, bias):
+  (pad_id, padding), (group_id, groups), (size_id, (h, w), (kh, kw)) = pad, group, size
+  out = 4 if group_id == "dw" and size_id == "odd" else (8 if group_id == "dw" else 6)
+
+  def make(rng, dtype):
+    if layout == "NHWC":
+      x_shape, w_shape = (2, h, w, _C), (kh, kw, _C // groups, out)
+    else:
+      x_shape, w_shape = (2, _C, h, w), (out, _C // groups, kh, kw)
+    args = (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=0.5))
+    return (*args, normal(rng, (out,), dtype)) if bias else args
+
+  case_id = (f"s{stride}-{pad_id}-d{dilation}-{group_id}-{layout.lower()}-{size_id}-"
+             f"{'bias' if bias else 'nobias'}")
+  kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, layout=layout)
+  return Case(case_id, make, kwargs, diff=(0, 1, 2) if bias else (0, 1))
+
+
+def _grid():
+  axes = (_STRIDES, _PADDINGS, _DILATIONS, _GROUPS, _LAYOUTS, _SIZES)
+  for index in itertools.product(*(range(len(a)) for a in axes)):
+    values = [a[i] for a, i in zip(axes, index)]
+    yield _case(*values, bias=sum(index) % 2 == 0)
+
+
+def _bench(rng, dtype):
+  return (normal(rng, (128, 28, 28, 32), dtype), normal(rng, (3, 3, 32, 64), dtype, scale=0.1),
+          normal(rng, (64,), dtype))
+
+
+SPECS = [
+    OpSpec(
+        "conv2d", conv2d, conv2d_reference, tuple(_grid()),
+        order2=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
+                "s2-valid-d1-dw-nchw-even-bias"),
+        bench=Case("128x28x28x32-3x3to64-same", _bench, dict(padding="SAME"), diff=(0, 1, 2)),
+    ),
+]

@@ -1,3 +1,81 @@
-"""Grid for the pool family (filled in with the op)."""
+"""Grids for ``max_pool2d`` and ``avg_pool2d``: window × stride × padding (27 cases each), plus
+``int`` padding and strides beyond the window; for the average also ``count_include_pad=False``
+on cases whose windows reach into the padding (31 and 37 cases).
 
-SPECS = []
+Tiny shapes: batch 2, 3 channels, spatial sizes cycling through 5×6, 6×7, 7×5 (odd and even),
+layout alternating NHWC / NCHW. Max-pool inputs are distinct values at least ``2 / size``
+apart, so no window holds a tie and finite differences stay off the kinks; ties have their
+own tests.
+"""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
+from jlayers.registry import Case, OpSpec, normal
+
+_C = 3
+_WINDOWS = (("w2", 2), ("w3", 3), ("w2x3", (2, 3)))
+_STRIDES = (("sw", None), ("s1", 1), ("s2", 2))
+_PADDINGS = (("valid", "VALID"), ("same", "SAME"), ("asym", ((1, 0), (0, 1))))
+_SIZES = ((5, 6), (6, 7), (7, 5))
+_LAYOUTS = ("NHWC", "NCHW")
+
+
+def distinct(rng: np.random.Generator, shape, dtype):
+  """A random permutation of evenly spaced values in [-2, 2), jittered by under half a step."""
+  size = int(np.prod(shape))
+  v = (rng.permutation(size) + rng.uniform(0.25, 0.75, size)) * (4.0 / size) - 2.0
+  return jnp.asarray(v.reshape(shape), dtype=dtype)
+
+
+def _case(draw, window, stride, padding, size, layout, **extra):
+  (w_id, w), (s_id, s), (p_id, p), (h, wd) = window, stride, padding, size
+  shape = (2, h, wd, _C) if layout == "NHWC" else (2, _C, h, wd)
+  suffix = "-nopadcount" if extra.get("count_include_pad") is False else ""
+  case_id = f"{w_id}-{s_id}-{p_id}-{layout.lower()}-{h}x{wd}{suffix}"
+  return Case(case_id, lambda rng, dtype: (draw(rng, shape, dtype),),
+              dict(window=w, stride=s, padding=p, layout=layout, **extra))
+
+
+def _grid(draw):
+  for i, (w, s, p) in enumerate(itertools.product(_WINDOWS, _STRIDES, _PADDINGS)):
+    yield _case(draw, w, s, p, _SIZES[i % 3], _LAYOUTS[i % 2])
+  # int padding (both sides), and strides larger than the window (rows no window reaches)
+  yield _case(draw, _WINDOWS[1], _STRIDES[2], ("pad1", 1), (6, 6), "NHWC")
+  yield _case(draw, _WINDOWS[2], _STRIDES[1], ("pad1", 1), (5, 7), "NCHW")
+  yield _case(draw, _WINDOWS[0], ("s3", 3), _PADDINGS[2], (7, 7), "NCHW")
+  yield _case(draw, _WINDOWS[2], ("s3x4", (3, 4)), _PADDINGS[0], (6, 7), "NHWC")
+
+
+_NO_PAD_COUNT = (  # count_include_pad=False on cases whose windows reach into the padding
+    (_WINDOWS[1], _STRIDES[1], _PADDINGS[1], (5, 6), "NHWC"),
+    (_WINDOWS[1], _STRIDES[2], _PADDINGS[1], (6, 7), "NCHW"),
+    (_WINDOWS[2], _STRIDES[0], _PADDINGS[2], (7, 5), "NHWC"),
+    (_WINDOWS[0], _STRIDES[1], _PADDINGS[2], (6, 6), "NCHW"),
+    (_WINDOWS[2], _STRIDES[2], ("pad1", 1), (5, 7), "NHWC"),
+    (_WINDOWS[0], _STRIDES[0], _PADDINGS[1], (7, 7), "NCHW"),
+)
+
+
+def _bench(draw):
+  return Case("128x28x28x32-w2", lambda rng, dtype: (draw(rng, (128, 28, 28, 32), dtype),),
+              dict(window=2))
+
+
+SPECS = [
+    OpSpec(
+        "max_pool2d", max_pool2d, max_pool2d_reference, tuple(_grid(distinct)),
+        order2=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5"),
+        bench=_bench(distinct),
+    ),
+    OpSpec(
+        "avg_pool2d", avg_pool2d, avg_pool2d_reference,
+        (*_grid(normal),
+         *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT)),
+        order2=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5"),
+        bench=_bench(normal),
+    ),
+]

@@ -1,0 +1,238 @@
+"""The benchmark CNN in peer libraries (Flax linen, PyTorch eager) and a timed training step each.
+
+Both build the same architecture as the jlayers train-step benchmark:
+
+  x: float32[N, 28, 28, 1]  (NHWC; PyTorch gets the NCHW transpose float32[N, 1, 28, 28])
+  → conv 3×3, 32, SAME → BatchNorm → ReLU → maxpool 2×2   float32[N, 14, 14, 32]
+  → conv 3×3, 64, SAME → BatchNorm → ReLU → maxpool 2×2   float32[N, 7, 7, 64]
+  → flatten float32[N, 3136] → linear 128 → ReLU → dropout 0.5 → linear 10  float32[N, 10]
+
+Convolutions carry no bias (BatchNorm's offset makes it redundant). The loss is the mean softmax
+cross-entropy against integer labels ``int[N]``; the optimiser is SGD with momentum 0.9 and
+learning rate 0.01. BatchNorm runs in training mode (batch statistics, running statistics
+updated with momentum 0.99 in Flax's convention, i.e. PyTorch ``momentum=0.01``; eps 1e-5) and
+dropout draws a fresh mask every step.
+
+Flax and PyTorch are optional (``pip install "jlayers[bench]"``) and imported only inside the
+functions here, so ``import jlayers`` never needs them. Each ``*_train_step`` returns ``None``
+when its library is missing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+BN_MOMENTUM = 0.99  # Flax convention: running = m * running + (1 - m) * batch.
+TORCH_BN_MOMENTUM = 0.01  # The same, in PyTorch's convention (1 - m).
+BN_EPS = 1e-5
+DROPOUT_RATE = 0.5
+
+
+def time_ms(fn: Callable[[], Any], steps: int = 10, warmup: int = 3) -> tuple[float, list[float]]:
+  """Median and all wall times in milliseconds of ``fn()``, after ``warmup`` untimed calls.
+
+  Every call's result is blocked on with :func:`jax.block_until_ready`, so asynchronous JAX
+  dispatch is included in the time; leaves that are not JAX arrays (a PyTorch tensor, a float)
+  pass through unchanged, which is right for eager libraries that finish before returning.
+
+  Args:
+    fn: called with no arguments once per run; its return value (any pytree) is blocked on.
+    steps: number of timed calls, at least 1.
+    warmup: number of untimed calls first (compilation, caches, allocator).
+
+  Returns:
+    ``(median_ms, [ms of each timed call])``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> median, runs = time_ms(lambda: jnp.ones(3).sum(), steps=3, warmup=1)
+    >>> len(runs), median > 0
+    (3, True)
+  """
+  if steps < 1:
+    raise ValueError(f"time_ms: steps must be at least 1, got {steps}")
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(1e3 * (time.perf_counter() - start))
+  return statistics.median(times), times
+
+
+def synthetic_batch(batch_size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The benchmark's fixed batch, identical for every library.
+
+  Returns:
+    ``images: float32[batch_size, 28, 28, 1]`` (NHWC, standard normal) and
+    ``labels: int64[batch_size]`` in ``[0, 10)``.
+  """
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((batch_size, *IMAGE_SHAPE), np.float32)
+  labels = rng.integers(0, NUM_CLASSES, batch_size)
+  return images, labels
+
+
+def flax_model():
+  """The CNN as a Flax linen module: ``apply(variables, x: float32[N, 28, 28, 1], train=...)``.
+
+  Variables are ``{"params": ..., "batch_stats": ...}``; with ``train=True`` the call needs
+  ``rngs={"dropout": key}`` and ``mutable=["batch_stats"]``. Returns logits ``float32[N, 10]``.
+  """
+  import flax.linen as nn  # noqa: PLC0415 (optional dependency)
+
+  class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+      for features in (32, 64):
+        x = nn.Conv(features, (3, 3), padding="SAME", use_bias=False)(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS)(x)
+        x = nn.relu(x)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = x.reshape((x.shape[0], -1))
+      x = nn.relu(nn.Dense(128)(x))
+      x = nn.Dropout(DROPOUT_RATE, deterministic=not train)(x)
+      return nn.Dense(NUM_CLASSES)(x)
+
+  return CNN()
+
+
+def flax_setup(batch_size: int = 128, seed: int = 0):
+  """Initial state, batch and jitted train step of the Flax CNN.
+
+  Returns:
+    ``(step, (params, batch_stats, opt_state, x, y), key)`` where ``x: float32[N, 28, 28, 1]``,
+    ``y: int32[N]``, and ``step(params, batch_stats, opt_state, x, y, key) -> (params,
+    batch_stats, opt_state, loss: float32[])`` is ``jax.jit``-compiled with the first three
+    arguments donated, so callers must pass each step's outputs to the next.
+  """
+  import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  model = flax_model()
+  tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+  images, labels = synthetic_batch(batch_size, seed)
+  x, y = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
+  init_key, key = jax.random.split(jax.random.key(seed))
+  variables = model.init(init_key, x, train=False)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state = tx.init(params)
+
+  def step(params, batch_stats, opt_state, x, y, key):
+    def loss_fn(params):
+      logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                    train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1, 2)), (params, batch_stats, opt_state, x, y), key
+
+
+def flax_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
+                    seed: int = 0) -> dict | None:
+  """Times the jitted Flax training step on the synthetic batch.
+
+  Each call gets a fresh dropout key and the previous call's (donated) state, as in a real
+  training loop. ``temp_bytes`` is the compiled step's temporary memory from XLA's
+  ``memory_analysis()``.
+
+  Returns:
+    ``{"ms": median ms per step, "ms_all": [ms per timed step], "temp_bytes": int | None,
+    "version": flax version}``, or ``None`` if Flax is not installed.
+  """
+  try:
+    import flax  # noqa: PLC0415
+  except ImportError:
+    return None
+  step, (params, batch_stats, opt_state, x, y), key = flax_setup(batch_size, seed)
+  compiled = step.lower(params, batch_stats, opt_state, x, y, key).compile()
+  analysis = compiled.memory_analysis()
+  temp = None if analysis is None else int(analysis.temp_size_in_bytes)
+  keys = iter(list(jax.random.split(key, warmup + steps)))  # sliced before timing
+  state = (params, batch_stats, opt_state)
+
+  def run():
+    nonlocal state
+    *new_state, loss = compiled(*state, x, y, next(keys))
+    state = tuple(new_state)
+    return loss
+
+  ms, ms_all = time_ms(run, steps, warmup)
+  return {"ms": ms, "ms_all": ms_all, "temp_bytes": temp, "version": flax.__version__}
+
+
+def torch_model():
+  """The CNN as a ``torch.nn.Sequential``: ``float32[N, 1, 28, 28] -> float32[N, 10]`` logits."""
+  from torch import nn  # noqa: PLC0415 (optional dependency)
+
+  def block(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding="same", bias=False),
+            nn.BatchNorm2d(cout, eps=BN_EPS, momentum=TORCH_BN_MOMENTUM), nn.ReLU(),
+            nn.MaxPool2d(2)]
+
+  return nn.Sequential(*block(1, 32), *block(32, 64), nn.Flatten(), nn.Linear(7 * 7 * 64, 128),
+                       nn.ReLU(), nn.Dropout(DROPOUT_RATE), nn.Linear(128, NUM_CLASSES))
+
+
+def torch_setup(batch_size: int = 128, seed: int = 0):
+  """Model (in train mode), optimiser, batch and eager train step of the PyTorch CNN.
+
+  Returns:
+    ``(step, model, x, y)`` with ``x: float32[N, 1, 28, 28]``, ``y: int64[N]`` and
+    ``step() -> loss: float32[]`` (detached) doing zero_grad, forward, loss, backward and an
+    SGD update in place. Dropout masks come from torch's generator, seeded with ``seed``.
+  """
+  import torch  # noqa: PLC0415
+
+  torch.manual_seed(seed)
+  model = torch_model()
+  model.train()
+  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+  images, labels = synthetic_batch(batch_size, seed)
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  y = torch.from_numpy(labels.astype(np.int64))
+
+  def step():
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+  return step, model, x, y
+
+
+def torch_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
+                     seed: int = 0) -> dict | None:
+  """Times the PyTorch eager (CPU) training step on the synthetic batch.
+
+  ``torch.set_num_threads`` is left at its default, reported as ``"threads"``.
+
+  Returns:
+    ``{"ms": median ms per step, "ms_all": [ms per timed step], "temp_bytes": None,
+    "version": torch version, "threads": torch.get_num_threads()}``, or ``None`` if PyTorch is
+    not installed.
+  """
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    return None
+  step, *_ = torch_setup(batch_size, seed)
+  ms, ms_all = time_ms(step, steps, warmup)
+  return {"ms": ms, "ms_all": ms_all, "temp_bytes": None, "version": torch.__version__,
+          "threads": torch.get_num_threads()}

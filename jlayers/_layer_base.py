@@ -1,0 +1,161 @@
+"""The layer protocol shared by :mod:`jlayers.layers` and :mod:`jlayers.models`, and the checks
+of layer configuration.
+
+A layer is a frozen dataclass holding static configuration only. Its arrays live outside it:
+
+* ``init(key, input_shape, *, dtype=float32) -> (params, state)`` creates them for an input of
+  ``input_shape`` (batch dimension included);
+* ``apply(params, state, x, *, key=None, train=False, impl="manual") -> (y, state)`` is a pure
+  function of them and returns the (possibly updated) state instead of mutating anything.
+
+Params and state are plain dicts of arrays, ``{}`` for a layer that has none.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlayers import _impl
+
+Params = dict[str, Any]
+State = dict[str, Any]
+
+
+class Layer:
+  """Base class of the layer objects. Subclasses set :attr:`kind` and define the two methods."""
+
+  kind: ClassVar[str] = "layer"
+  """Snake-case name; :class:`jlayers.Sequential` names its children ``f"{kind}_{index}"``."""
+
+  def init(self, key: jax.Array, input_shape: Sequence[int], *,
+           dtype=jnp.float32) -> tuple[Params, State]:
+    """Creates ``(params, state)`` for an input of ``input_shape`` (batch included)."""
+    del key, dtype
+    shape_of(type(self).__name__, input_shape)
+    return {}, {}
+
+  def apply(self, params: Params, state: State, x: jax.Array, *, key: jax.Array | None = None,
+            train: bool = False, impl: str = "manual") -> tuple[jax.Array, State]:
+    """Maps ``x`` to ``(y, new_state)``; ``impl`` selects the manual rules or autodiff twins."""
+    raise NotImplementedError
+
+  def output_shape(self, input_shape: Sequence[int], *, dtype=jnp.float32) -> tuple[int, ...]:
+    """The shape ``apply`` gives for an input of ``input_shape``, computed without any FLOPs."""
+    params, state = jax.eval_shape(lambda k: self.init(k, input_shape, dtype=dtype),
+                                   jax.random.key(0))
+    out, _ = jax.eval_shape(lambda p, s, x: self.apply(p, s, x),
+                            params, state, jax.ShapeDtypeStruct(tuple(input_shape), dtype))
+    return tuple(out.shape)
+
+
+def check_call(where: str, train, impl) -> None:
+  """Validates the static arguments of ``apply``.
+
+  ``train`` selects Python control flow, so it must be a concrete bool: under ``jax.jit`` pass
+  it (and ``impl``) through ``static_argnames`` or close over it.
+  """
+  if not isinstance(train, (bool, np.bool_)):
+    raise TypeError(f"{where}: train must be a Python bool (mark it static under jax.jit), "
+                    f"got {type(train).__name__}")
+  _impl.check(impl, where)
+
+
+def shape_of(where: str, input_shape, *, rank: int | None = None,
+             min_rank: int | None = None) -> tuple[int, ...]:
+  """Normalises ``input_shape`` to a tuple of non-negative ints, checking its rank."""
+  if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not all(
+      isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in input_shape):
+    raise TypeError(f"{where}: input_shape must be a sequence of ints (batch dimension "
+                    f"included), got {input_shape!r}")
+  shape = tuple(int(n) for n in input_shape)
+  if any(n < 0 for n in shape):
+    raise ValueError(f"{where}: input_shape must have non-negative sizes, got {shape}")
+  if rank is not None and len(shape) != rank:
+    raise ValueError(f"{where}: input_shape must have rank {rank}, got {shape}")
+  if min_rank is not None and len(shape) < min_rank:
+    raise ValueError(f"{where}: input_shape must have rank at least {min_rank}, got {shape}")
+  return shape
+
+
+def positive_int(where: str, name: str, value) -> int:
+  """``value`` as an int, which must be >= 1."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
+  if value < 1:
+    raise ValueError(f"{where}: {name} must be positive, got {value}")
+  return int(value)
+
+
+def real(where: str, name: str, value, lo: float, hi: float, *, lo_open: bool = False,
+         hi_open: bool = False) -> float:
+  """``value`` as a float within ``[lo, hi]`` (ends excluded when ``*_open``)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{where}: {name} must be a float, got {type(value).__name__}")
+  value = float(value)
+  above = value > lo if lo_open else value >= lo
+  below = value < hi if hi_open else value <= hi
+  if not (above and below):
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    raise ValueError(f"{where}: {name} must be in {interval}, got {value}")
+  return value
+
+
+def flag(where: str, name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{where}: {name} must be a bool, got {type(value).__name__}")
+  return bool(value)
+
+
+def initializer(where: str, name: str, value):
+  if not callable(value):
+    raise TypeError(f"{where}: {name} must be an initializer (key, shape, dtype) -> array, "
+                    f"got {type(value).__name__}")
+  return value
+
+
+def padding(where: str, value):
+  """``"SAME"``, ``"VALID"``, an int, or ``((lo_h, hi_h), (lo_w, hi_w))``, made hashable."""
+  if isinstance(value, str):
+    if value not in ("SAME", "VALID"):
+      raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or "
+                       f"((lo_h, hi_h), (lo_w, hi_w)), got {value!r}")
+    return value
+
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+  if is_int(value):
+    pads = ((int(value),) * 2,) * 2
+    result = int(value)
+  elif (isinstance(value, Sequence) and len(value) == 2 and all(
+      isinstance(p, Sequence) and len(p) == 2 and all(is_int(v) for v in p) for p in value)):
+    pads = result = tuple((int(lo), int(hi)) for lo, hi in value)
+  else:
+    raise TypeError(f"{where}: padding must be 'SAME', 'VALID', an int or "
+                    f"((lo_h, hi_h), (lo_w, hi_w)) of ints, got {value!r}")
+  if any(v < 0 for p in pads for v in p):
+    raise ValueError(f"{where}: padding must be non-negative, got {value!r}")
+  return result
+
+
+def layout(where: str, value) -> str:
+  if value not in ("NHWC", "NCHW"):
+    raise ValueError(f"{where}: layout must be 'NHWC' or 'NCHW', got {value!r}")
+  return value
+
+
+def stats_dtype(dtype) -> jnp.dtype:
+  """Dtype of batch-norm running statistics: float32 for 16-bit inputs, else the input's."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def set_field(obj, name: str, value) -> None:
+  """Stores a normalised value on a frozen dataclass from its ``__post_init__``."""
+  object.__setattr__(obj, name, value)

@@ -1,0 +1,98 @@
+"""Layers without params or state: activation, reshape, pooling (re-exported by
+:mod:`jlayers.layers`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from jlayers import _checks
+from jlayers import _impl
+from jlayers import _layer_base as base
+from jlayers._layer_base import Layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ReLU(Layer):
+  """Elementwise ``max(x, 0)`` (gradient 0 at 0). No params, no state."""
+
+  kind: ClassVar[str] = "relu"
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("ReLU", train, impl)
+    return _impl.op("relu", impl)(x), state
+
+
+@dataclasses.dataclass(frozen=True)
+class Flatten(Layer):
+  """Reshapes ``float[N, ...]`` to ``float[N, prod(...)]``, keeping the leading batch axis."""
+
+  kind: ClassVar[str] = "flatten"
+
+  def init(self, key, input_shape, *, dtype=jnp.float32):
+    base.shape_of("Flatten", input_shape, min_rank=1)
+    return {}, {}
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("Flatten", train, impl)
+    x = _checks.as_array("Flatten", "x", x)
+    _checks.min_rank("Flatten", "x", x, 1, "(N, ...)")
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])), state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool2d(Layer):
+  window: int | tuple[int, int]
+  _: dataclasses.KW_ONLY
+  stride: int | tuple[int, int] | None = None
+  padding: Any = "VALID"
+  layout: str = "NHWC"
+
+  def __post_init__(self):
+    where = type(self).__name__
+    base.set_field(self, "window", _checks.positive_ints(where, "window", self.window, 2))
+    if self.stride is not None:
+      base.set_field(self, "stride", _checks.positive_ints(where, "stride", self.stride, 2))
+    base.set_field(self, "padding", base.padding(where, self.padding))
+    base.layout(where, self.layout)
+
+  def init(self, key, input_shape, *, dtype=jnp.float32):
+    base.shape_of(type(self).__name__, input_shape, rank=4)
+    return {}, {}
+
+  def _pool_kwargs(self):
+    return {"stride": self.stride, "padding": self.padding, "layout": self.layout}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaxPool2d(_Pool2d):
+  """Max pooling over ``window`` (stride defaults to the window), see :func:`jlayers.max_pool2d`.
+  No params, no state."""
+
+  kind: ClassVar[str] = "max_pool2d"
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("MaxPool2d", train, impl)
+    return _impl.op("max_pool2d", impl)(x, self.window, **self._pool_kwargs()), state
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPool2d(_Pool2d):
+  """Average pooling over ``window`` (stride defaults to the window), see
+  :func:`jlayers.avg_pool2d`. No params, no state."""
+
+  kind: ClassVar[str] = "avg_pool2d"
+  count_include_pad: bool = dataclasses.field(default=True, kw_only=True)
+
+  def __post_init__(self):
+    super().__post_init__()
+    base.flag("AvgPool2d", "count_include_pad", self.count_include_pad)
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("AvgPool2d", train, impl)
+    y = _impl.op("avg_pool2d", impl)(x, self.window, count_include_pad=self.count_include_pad,
+                                     **self._pool_kwargs())
+    return y, state

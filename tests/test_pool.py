@@ -1,0 +1,237 @@
+"""Pooling beyond the generic registry tests: ties, overlap, golden values, divisors, residuals
+and argument errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
+
+# 4x4 input with distinct window maxima; the 2x2 blocks are [[1,3],[4,0]], [[2,0],[1,6]],
+# [[2,2],[0,5]], [[9,1],[3,3]].
+X4 = np.array([[1., 3., 2., 0.],
+               [4., 0., 1., 6.],
+               [2., 2., 9., 1.],
+               [0., 5., 3., 3.]])
+
+
+def _nhwc(a):
+  return jnp.asarray(a, jnp.float32).reshape(1, *np.shape(a), 1)
+
+
+def _grad(op, x, cot=None, **kw):
+  def loss(x):
+    y = op(x, **kw)
+    return jnp.sum(y if cot is None else y * cot)
+  return jax.grad(loss)(x)
+
+
+# ----------------------------------------------------------------------------------- ties
+
+
+def test_max_pool_all_equal_windows_send_gradient_to_the_first_element():
+  x = jnp.zeros((1, 4, 6, 1), jnp.float32)
+  g = _grad(max_pool2d, x, window=2)
+  expected = np.zeros((4, 6))
+  expected[0::2, 0::2] = 1.0  # top-left of every 2x2 window
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+  np.testing.assert_array_equal(g, _grad(max_pool2d_reference, x, window=2))
+
+
+def test_max_pool_two_equal_maxima_in_a_window_take_the_first_in_row_major_order():
+  # Windows: [[5,5],[1,2]] (tie on the first row), [[0,1],[7,7]] (tie on the second row),
+  # [[3,0],[3,1]] (tie in the first column), [[2,4],[4,4]] (three-way tie).
+  x = _nhwc([[5., 5., 0., 1.],
+             [1., 2., 7., 7.],
+             [3., 0., 2., 4.],
+             [3., 1., 4., 4.]])
+  expected = np.array([[1., 0., 0., 0.],
+                       [0., 0., 1., 0.],
+                       [1., 0., 0., 1.],
+                       [0., 0., 0., 0.]])
+  g = _grad(max_pool2d, x, window=2)
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+  np.testing.assert_array_equal(g, _grad(max_pool2d_reference, x, window=2))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_max_pool_ties_in_overlapping_padded_windows_match_autodiff(layout):
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 3, (2, 3, 6, 5)), jnp.float32)
+  kw = dict(window=3, stride=1, padding="SAME", layout=layout)
+  g = _grad(max_pool2d, x, **kw)
+  np.testing.assert_array_equal(g, _grad(max_pool2d_reference, x, **kw))
+  assert float(jnp.sum(g)) == 2 * 3 * 6 * 5  # every output's gradient lands exactly once
+
+
+# ------------------------------------------------------------------------- overlapping windows
+
+
+def test_max_pool_overlapping_windows_accumulate_like_autodiff():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
+    kw = dict(window=3, stride=1, padding="VALID")
+    cot = jnp.asarray(rng.standard_normal((2, 5, 4, 3)))
+    g = _grad(max_pool2d, x, cot, **kw)
+    np.testing.assert_allclose(g, _grad(max_pool2d_reference, x, cot, **kw), rtol=1e-12)
+    ones = _grad(max_pool2d, x, **kw)
+    assert float(jnp.max(ones)) > 1  # some element is the maximum of several windows
+    assert float(jnp.sum(ones)) == 2 * 5 * 4 * 3
+
+
+# ------------------------------------------------------------------------------ golden values
+
+
+def test_max_pool_golden_4x4():
+  x = _nhwc(X4)
+  np.testing.assert_array_equal(max_pool2d(x, 2)[0, :, :, 0], [[4., 6.], [5., 9.]])
+  g = _grad(max_pool2d, x, _nhwc([[1., 2.], [3., 4.]]), window=2)
+  expected = np.zeros((4, 4))
+  expected[1, 0], expected[1, 3], expected[3, 1], expected[2, 2] = 1., 2., 3., 4.
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+  # 3x3 windows, stride 1: the 9 at (2, 2) is the maximum of all four windows.
+  np.testing.assert_array_equal(max_pool2d(x, 3, stride=1)[0, :, :, 0], [[9., 9.], [9., 9.]])
+  expected = np.zeros((4, 4))
+  expected[2, 2] = 4.
+  np.testing.assert_array_equal(np.asarray(_grad(max_pool2d, x, window=3, stride=1))[0, :, :, 0],
+                                expected)
+
+
+def test_avg_pool_golden_4x4():
+  x = _nhwc(X4)
+  np.testing.assert_allclose(avg_pool2d(x, 2)[0, :, :, 0], [[2., 2.25], [2.25, 4.]])
+  g = _grad(avg_pool2d, x, _nhwc([[1., 2.], [3., 4.]]), window=2)
+  expected = np.repeat(np.repeat([[0.25, 0.5], [0.75, 1.]], 2, axis=0), 2, axis=1)
+  np.testing.assert_allclose(np.asarray(g)[0, :, :, 0], expected)
+
+
+def test_avg_pool_count_include_pad_differs_at_the_border_only():
+  """4x4 ones, 3x3 window, stride 1, SAME (one row/column of padding on every side)."""
+  x = jnp.ones((1, 4, 4, 1), jnp.float32)
+  kw = dict(window=3, stride=1, padding="SAME")
+  with_pad = np.asarray(avg_pool2d(x, **kw))[0, :, :, 0]
+  # corners see 4 inputs of 9, edges 6 of 9, the interior all 9.
+  np.testing.assert_allclose(with_pad, [[4 / 9, 6 / 9, 6 / 9, 4 / 9], [6 / 9, 1, 1, 6 / 9],
+                                        [6 / 9, 1, 1, 6 / 9], [4 / 9, 6 / 9, 6 / 9, 4 / 9]],
+                             rtol=1e-6)
+  np.testing.assert_allclose(avg_pool2d(x, count_include_pad=False, **kw), 1.0, rtol=1e-6)
+  # Gradient of the sum of outputs: each input collects 1 / count from every window holding it.
+  g_in = np.asarray(_grad(avg_pool2d, x, **kw))[0, :, :, 0]
+  g_ex = np.asarray(_grad(avg_pool2d, x, count_include_pad=False, **kw))[0, :, :, 0]
+  np.testing.assert_allclose(g_in[0, 0], 4 / 9, rtol=1e-6)  # 4 windows hold the corner
+  np.testing.assert_allclose(g_in[1, 1], 1.0, rtol=1e-6)  # 9 windows hold (1, 1)
+  # windows holding (0, 0) are centred at (0,0), (0,1), (1,0), (1,1): counts 4, 6, 6, 9.
+  np.testing.assert_allclose(g_ex[0, 0], 1 / 4 + 1 / 6 + 1 / 6 + 1 / 9, rtol=1e-6)
+  # (1, 1) is held by all 9 windows centred in rows/cols 0..2: counts (2,3,3) x (2,3,3).
+  counts = np.outer([2, 3, 3], [2, 3, 3])
+  np.testing.assert_allclose(g_ex[1, 1], np.sum(1 / counts), rtol=1e-6)
+  for kwargs in (kw, dict(kw, count_include_pad=False)):
+    np.testing.assert_allclose(_grad(avg_pool2d, x, **kwargs),
+                               _grad(avg_pool2d_reference, x, **kwargs), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op, ref, extra", [
+    (max_pool2d, max_pool2d_reference, {}),
+    (avg_pool2d, avg_pool2d_reference, {}),
+    (avg_pool2d, avg_pool2d_reference, {"count_include_pad": False})])
+def test_views_that_lie_wholly_in_the_padding_match_autodiff(op, ref, extra):
+  """One input row under two rows of padding: two of the three window rows see only padding."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 1, 4, 3)))
+    kw = dict(window=3, stride=(1, 2), padding=((2, 0), (2, 1)), **extra)
+    np.testing.assert_allclose(op(x, **kw), ref(x, **kw), rtol=1e-12)
+    cot = jnp.asarray(rng.standard_normal(jax.eval_shape(lambda x: ref(x, **kw), x).shape))
+    np.testing.assert_allclose(_grad(op, x, cot, **kw), _grad(ref, x, cot, **kw), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- residuals
+
+
+@pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
+                                dict(window=(2, 3), stride=2, layout="NCHW")])
+def test_max_pool_saves_one_int8_array_of_the_output_shape(kw):
+  x = jnp.ones((2, 6, 7, 3), jnp.float32)
+  res = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  out_shape = jax.eval_shape(lambda x: max_pool2d(x, **kw), x).shape
+  assert [(r.dtype, r.shape) for r, _ in res] == [(jnp.int8, out_shape)]
+
+
+@pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
+                                dict(window=3, padding=1, count_include_pad=False)])
+def test_avg_pool_saves_nothing(kw):
+  x = jnp.ones((2, 6, 7, 3), jnp.float32)
+  assert saved_residuals(lambda x: avg_pool2d(x, **kw), x) == []
+
+
+# ------------------------------------------------------------------------------ bad arguments
+
+X = jnp.ones((2, 5, 5, 3), jnp.float32)
+BAD = [pytest.param(*case, id=case_id) for case_id, *case in [
+    ("rank", X[0], {}, ValueError,
+     r"max_pool2d: x must have rank 4 \(N, H, W, C\), got shape \(5, 5, 3\)"),
+    ("int-dtype", X.astype(jnp.int32), {}, TypeError, "x must have a floating dtype, got int32"),
+    ("list", [[1.0]], {}, TypeError, "x must be an array, got list"),
+    ("layout", X, dict(layout="NWHC"), ValueError,
+     "layout must be 'NHWC' or 'NCHW', got 'NWHC'"),
+    ("window-0", X, dict(window=0), ValueError, r"window must be positive, got \(0, 0\)"),
+    ("window-3d", X, dict(window=(2, 2, 2)), TypeError,
+     "window must be an int or a sequence of 2 ints"),
+    ("window-float", X, dict(window=2.0), TypeError,
+     "window must be an int or a sequence of 2 ints, got 2.0"),
+    ("stride-neg", X, dict(stride=(1, -1)), ValueError, r"stride must be positive, got \(1, -1\)"),
+    ("stride-str", X, dict(stride="2"), TypeError, "stride must be an int or a sequence of 2 ints"),
+    ("padding-name", X, dict(padding="FULL"), ValueError,
+     "padding must be 'VALID', 'SAME', an int or .*got 'FULL'"),
+    ("padding-one-pair", X, dict(padding=((1, 1),)), TypeError,
+     r"padding must be .* of ints, got \(\(1, 1\),\)"),
+    ("padding-flat-pair", X, dict(padding=(1, 1)), TypeError, r"padding must be .* got \(1, 1\)"),
+    ("padding-float", X, dict(padding=1.5), TypeError, "padding must be .* got 1.5"),
+    ("padding-neg", X, dict(padding=((0, 1), (-1, 0))), ValueError,
+     "padding must be non-negative"),
+    ("padding-ge-window", X, dict(padding=2), ValueError,
+     r"padding must be smaller than the window \(2, 2\)"),
+    ("window-too-big", X, dict(window=6), ValueError,
+     r"window \(6, 6\) is larger than the padded input \(5, 5\)"),
+    ("window-too-big-padded", X, dict(window=(3, 6), padding=((1, 1), (0, 0))), ValueError,
+     r"window \(3, 6\) is larger than the padded input \(7, 5\)"),
+]]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("op", [max_pool2d, avg_pool2d, max_pool2d_reference,
+                                avg_pool2d_reference], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("x, kw, error, match", BAD)
+def test_bad_arguments_raise_at_trace_time(op, jit, x, kw, error, match):
+  kw = {"window": 2, **kw}
+  name = op.__name__.removesuffix("_reference")
+  match = match.replace("max_pool2d", name)
+  with pytest.raises(error, match=match) as info:
+    if jit and not isinstance(x, list):
+      jax.jit(lambda x: op(x, **kw))(x)
+    else:
+      op(x, **kw)
+  assert str(info.value).startswith(f"{name}: ")
+
+
+def test_count_include_pad_must_be_a_bool():
+  for op in (avg_pool2d, avg_pool2d_reference):
+    with pytest.raises(TypeError, match="avg_pool2d: count_include_pad must be a bool, got 1"):
+      jax.jit(lambda x: op(x, 2, count_include_pad=1))(X)
+
+
+@pytest.mark.parametrize("kw", [dict(window=12, stride=1), dict(window=(12, 11))],
+                         ids=["overlapping", "disjoint"])
+def test_large_windows_use_a_wider_index(kw):
+  """More than 128 offsets (12x12, 12x11) no longer fit int8: the index widens, the rule holds."""
+  x = jnp.asarray(np.random.default_rng(2).permutation(2 * 13 * 12).reshape(2, 13, 12, 1),
+                  jnp.float32)
+  (res, _), = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  assert res.dtype == jnp.int32
+  grads = jax.jit(lambda x: (_grad(max_pool2d, x, **kw), _grad(max_pool2d_reference, x, **kw),
+                             _grad(avg_pool2d, x, **kw), _grad(avg_pool2d_reference, x, **kw)))
+  g_max, g_max_ref, g_avg, g_avg_ref = grads(x)
+  np.testing.assert_array_equal(g_max, g_max_ref)
+  np.testing.assert_allclose(g_avg, g_avg_ref, rtol=1e-6)
