@@ -71,6 +71,29 @@ def time_ms(fn: Callable[[], Any], steps: int = 10, warmup: int = 3) -> tuple[fl
   return statistics.median(times), times
 
 
+def time_compiled_step(compiled, carry: tuple, batch: tuple, key: jax.Array, steps: int,
+                       warmup: int) -> dict:
+  """Times ``compiled(*carry, *batch, key) -> (*carry, loss)`` as a training loop runs it: each
+  call gets the previous call's (donated) carry and a fresh key, split before timing starts.
+
+  Returns:
+    ``{"ms": median ms, "ms_all": [ms per timed step], "temp_bytes": int | None}``, the
+    temporary memory from the compiled step's ``memory_analysis()``.
+  """
+  keys = iter(list(jax.random.split(key, warmup + steps)))
+
+  def run():
+    nonlocal carry
+    *new, loss = compiled(*carry, *batch, next(keys))
+    carry = tuple(new)
+    return loss
+
+  ms, ms_all = time_ms(run, steps, warmup)
+  analysis = compiled.memory_analysis()
+  return {"ms": ms, "ms_all": ms_all,
+          "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
+
+
 def synthetic_batch(batch_size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The benchmark's fixed batch, identical for every library.
 
@@ -161,19 +184,8 @@ def flax_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
     return None
   step, (params, batch_stats, opt_state, x, y), key = flax_setup(batch_size, seed)
   compiled = step.lower(params, batch_stats, opt_state, x, y, key).compile()
-  analysis = compiled.memory_analysis()
-  temp = None if analysis is None else int(analysis.temp_size_in_bytes)
-  keys = iter(list(jax.random.split(key, warmup + steps)))  # sliced before timing
-  state = (params, batch_stats, opt_state)
-
-  def run():
-    nonlocal state
-    *new_state, loss = compiled(*state, x, y, next(keys))
-    state = tuple(new_state)
-    return loss
-
-  ms, ms_all = time_ms(run, steps, warmup)
-  return {"ms": ms, "ms_all": ms_all, "temp_bytes": temp, "version": flax.__version__}
+  return {**time_compiled_step(compiled, (params, batch_stats, opt_state), (x, y), key, steps,
+                               warmup), "version": flax.__version__}
 
 
 def torch_model():

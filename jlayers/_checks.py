@@ -92,6 +92,49 @@ def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:
   return value
 
 
+_PADDING_FORMS = "'SAME', 'VALID', an int or ((lo_h, hi_h), (lo_w, hi_w)) of ints"
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def padding(op: str, value):
+  """Validates a 2-D padding without looking at sizes.
+
+  Returns ``"SAME"`` or ``"VALID"`` as given, or explicit non-negative pairs
+  ``((lo_h, hi_h), (lo_w, hi_w))`` for an int or pairs (hashable, for ``nondiff_argnums``).
+  """
+  if isinstance(value, str):
+    if value in ("SAME", "VALID"):
+      return value
+    raise ValueError(f"{op}: padding must be {_PADDING_FORMS}, got {value!r}")
+  if _is_int(value):
+    pads = ((int(value),) * 2,) * 2
+  elif (isinstance(value, Sequence) and len(value) == 2 and all(
+      isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2
+      and all(map(_is_int, p)) for p in value)):
+    pads = tuple((int(lo), int(hi)) for lo, hi in value)
+  else:
+    raise TypeError(f"{op}: padding must be {_PADDING_FORMS}, got {value!r}")
+  if any(v < 0 for pair in pads for v in pair):
+    raise ValueError(f"{op}: padding must be non-negative, got {value!r}")
+  return pads
+
+
+def explicit_padding(op: str, value, size, window, stride) -> tuple[tuple[int, int], ...]:
+  """``((lo_h, hi_h), (lo_w, hi_w))`` for any accepted padding, given the spatial ``size``,
+  the (dilated) ``window`` and the ``stride``. ``"SAME"`` follows ``lax.padtype_to_pads``:
+  output size ``ceil(size / stride)``, an odd total split with the extra element high."""
+  pads = padding(op, value)
+  if pads == "VALID":
+    return ((0, 0), (0, 0))
+  if pads == "SAME":
+    total = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(size, window, stride)]
+    return tuple((t // 2, t - t // 2) for t in total)
+  return pads
+
+
 def layout(op: str, value) -> str:
   """Validates a 2-D spatial layout name."""
   if value not in ("NHWC", "NCHW"):

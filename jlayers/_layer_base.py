@@ -119,43 +119,6 @@ def initializer(where: str, name: str, value):
   return value
 
 
-def padding(where: str, value):
-  """``"SAME"``, ``"VALID"``, an int, or ``((lo_h, hi_h), (lo_w, hi_w))``, made hashable."""
-  if isinstance(value, str):
-    if value not in ("SAME", "VALID"):
-      raise ValueError(f"{where}: padding must be 'SAME', 'VALID', an int or "
-                       f"((lo_h, hi_h), (lo_w, hi_w)), got {value!r}")
-    return value
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-  if is_int(value):
-    pads = ((int(value),) * 2,) * 2
-    result = int(value)
-  elif (isinstance(value, Sequence) and len(value) == 2 and all(
-      isinstance(p, Sequence) and len(p) == 2 and all(is_int(v) for v in p) for p in value)):
-    pads = result = tuple((int(lo), int(hi)) for lo, hi in value)
-  else:
-    raise TypeError(f"{where}: padding must be 'SAME', 'VALID', an int or "
-                    f"((lo_h, hi_h), (lo_w, hi_w)) of ints, got {value!r}")
-  if any(v < 0 for p in pads for v in p):
-    raise ValueError(f"{where}: padding must be non-negative, got {value!r}")
-  return result
-
-
-def layout(where: str, value) -> str:
-  if value not in ("NHWC", "NCHW"):
-    raise ValueError(f"{where}: layout must be 'NHWC' or 'NCHW', got {value!r}")
-  return value
-
-
-def stats_dtype(dtype) -> jnp.dtype:
-  """Dtype of batch-norm running statistics: float32 for 16-bit inputs, else the input's."""
-  dtype = jnp.dtype(dtype)
-  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
-
-
 def set_field(obj, name: str, value) -> None:
   """Stores a normalised value on a frozen dataclass from its ``__post_init__``."""
   object.__setattr__(obj, name, value)

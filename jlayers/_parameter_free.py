@@ -56,8 +56,8 @@ class _Pool2d(Layer):
     base.set_field(self, "window", _checks.positive_ints(where, "window", self.window, 2))
     if self.stride is not None:
       base.set_field(self, "stride", _checks.positive_ints(where, "stride", self.stride, 2))
-    base.set_field(self, "padding", base.padding(where, self.padding))
-    base.layout(where, self.layout)
+    base.set_field(self, "padding", _checks.padding(where, self.padding))
+    _checks.layout(where, self.layout)
 
   def init(self, key, input_shape, *, dtype=jnp.float32):
     base.shape_of(type(self).__name__, input_shape, rank=4)

@@ -136,19 +136,8 @@ def jlayers_train_step(impl: str, batch_size: int = 128, steps: int = 10, warmup
   key = jax.random.key(seed + 1)
   compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
       params, state, opt_state, x, y, key).compile()
-  analysis = compiled.memory_analysis()
-  keys = iter(list(jax.random.split(key, warmup + steps)))
-  carry = (params, state, opt_state)
-
-  def run():
-    nonlocal carry
-    *new, loss = compiled(*carry, x, y, next(keys))
-    carry = tuple(new)
-    return loss
-
-  ms, ms_all = time_ms(run, steps, warmup)
-  return {"ms": ms, "ms_all": ms_all, "version": f"jlayers {jlayers_version}",
-          "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
+  return {**peers.time_compiled_step(compiled, (params, state, opt_state), (x, y), key, steps,
+                                     warmup), "version": f"jlayers {jlayers_version}"}
 
 
 def bench_train_step(steps: int, warmup: int) -> dict:

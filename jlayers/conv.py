@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -31,34 +30,6 @@ class _Config(NamedTuple):
   groups: int
   layout: str
   bias: bool
-
-
-def _pads(padding, size, k_eff, stride) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Explicit ``((lo_h, hi_h), (lo_w, hi_w))`` for any accepted ``padding`` value."""
-  if isinstance(padding, str):
-    if padding == "VALID":
-      return ((0, 0), (0, 0))
-    if padding == "SAME":  # the rule of lax.padtype_to_pads: output size ceil(size / stride)
-      total = [max((-(-n // s) - 1) * s + k - n, 0) for n, k, s in zip(size, k_eff, stride)]
-      return tuple((t // 2, t - t // 2) for t in total)
-    raise ValueError(f"{_OP}: padding must be 'SAME', 'VALID', an int or ((lo_h, hi_h), "
-                     f"(lo_w, hi_w)), got {padding!r}")
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-  if is_int(padding):
-    pads = ((int(padding),) * 2,) * 2
-  elif (isinstance(padding, Sequence) and len(padding) == 2 and all(
-      isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 and all(map(is_int, p))
-      for p in padding)):
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  else:
-    raise TypeError(f"{_OP}: padding must be 'SAME', 'VALID', an int or ((lo_h, hi_h), "
-                    f"(lo_w, hi_w)) of ints, got {padding!r}")
-  if any(p < 0 for pair in pads for p in pair):
-    raise ValueError(f"{_OP}: padding must be non-negative, got {pads}")
-  return pads
 
 
 def _validate(x, w, b, stride, padding, dilation, groups, layout):
@@ -89,7 +60,7 @@ def _validate(x, w, b, stride, padding, dilation, groups, layout):
   _checks.same_dtype(_OP, x=x, w=w, b=b)
   size = tuple(x.shape[a] for a in _X_SPATIAL[layout])
   k_eff = tuple((w.shape[a] - 1) * d + 1 for a, d in zip(_W_SPATIAL[layout], dilation))
-  pads = _pads(padding, size, k_eff, stride)
+  pads = _checks.explicit_padding(_OP, padding, size, k_eff, stride)
   if any(n + lo + hi < k for n, (lo, hi), k in zip(size, pads, k_eff)):
     raise ValueError(f"{_OP}: the dilated kernel {k_eff} is larger than the padded input "
                      f"{tuple(n + lo + hi for n, (lo, hi) in zip(size, pads))}")

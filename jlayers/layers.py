@@ -105,12 +105,12 @@ class Conv2d(Layer):
     base.positive_int("Conv2d", "features", self.features)
     for name in ("kernel_size", "stride", "dilation"):
       base.set_field(self, name, _checks.positive_ints("Conv2d", name, getattr(self, name), 2))
-    base.set_field(self, "padding", base.padding("Conv2d", self.padding))
+    base.set_field(self, "padding", _checks.padding("Conv2d", self.padding))
     base.positive_int("Conv2d", "groups", self.groups)
     if self.features % self.groups:
       raise ValueError(f"Conv2d: groups={self.groups} must divide features={self.features}")
     base.flag("Conv2d", "use_bias", self.use_bias)
-    base.layout("Conv2d", self.layout)
+    _checks.layout("Conv2d", self.layout)
     base.initializer("Conv2d", "kernel_init", self.kernel_init)
     base.initializer("Conv2d", "bias_init", self.bias_init)
 
@@ -187,7 +187,7 @@ class BatchNorm(Layer):
     s_key, o_key = jax.random.split(key)
     params = {"scale": self.scale_init(s_key, (channels,), dtype),
               "offset": self.offset_init(o_key, (channels,), dtype)}
-    stats = base.stats_dtype(dtype)
+    stats = _checks.at_least_float32(dtype)
     return params, {"mean": jnp.zeros((channels,), stats), "var": jnp.ones((channels,), stats)}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):

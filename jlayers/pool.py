@@ -47,28 +47,8 @@ class _Config(NamedTuple):
 
 
 def _pads(op, padding, size, window, stride) -> tuple[tuple[int, int], tuple[int, int]]:
-  """Explicit ``((lo_h, hi_h), (lo_w, hi_w))`` for any accepted ``padding`` value."""
-  expected = "'VALID', 'SAME', an int or ((lo_h, hi_h), (lo_w, hi_w)) of ints"
-  if isinstance(padding, str) and padding in ("VALID", "SAME"):
-    # SAME follows lax.padtype_to_pads: output size ceil(size / stride), odd extra pad high
-    total = [max((-(-n // s) - 1) * s + k - n, 0) if padding == "SAME" else 0
-             for n, k, s in zip(size, window, stride)]
-    return tuple((t // 2, t - t // 2) for t in total)
-  if isinstance(padding, str):
-    raise ValueError(f"{op}: padding must be {expected}, got {padding!r}")
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-  if is_int(padding):
-    pads = ((int(padding),) * 2,) * 2
-  elif (isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
-      isinstance(p, (tuple, list)) and len(p) == 2 and all(map(is_int, p)) for p in padding)):
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  else:
-    raise TypeError(f"{op}: padding must be {expected}, got {padding!r}")
-  if any(p < 0 for pair in pads for p in pair):
-    raise ValueError(f"{op}: padding must be non-negative, got {pads}")
+  """Explicit pads, each side smaller than the window (so no window lies wholly in padding)."""
+  pads = _checks.explicit_padding(op, padding, size, window, stride)
   if any(p >= k for pair, k in zip(pads, window) for p in pair):
     raise ValueError(f"{op}: padding must be smaller than the window {window} on every side, so "
                      f"that each window covers an input element, got {pads}")

@@ -184,7 +184,7 @@ BAD = [pytest.param(*case, id=case_id) for case_id, *case in [
     ("stride-neg", X, dict(stride=(1, -1)), ValueError, r"stride must be positive, got \(1, -1\)"),
     ("stride-str", X, dict(stride="2"), TypeError, "stride must be an int or a sequence of 2 ints"),
     ("padding-name", X, dict(padding="FULL"), ValueError,
-     "padding must be 'VALID', 'SAME', an int or .*got 'FULL'"),
+     "padding must be 'SAME', 'VALID', an int or .*got 'FULL'"),
     ("padding-one-pair", X, dict(padding=((1, 1),)), TypeError,
      r"padding must be .* of ints, got \(\(1, 1\),\)"),
     ("padding-flat-pair", X, dict(padding=(1, 1)), TypeError, r"padding must be .* got \(1, 1\)"),
