@@ -71,16 +71,37 @@ def time_ms(fn: Callable[[], Any], steps: int = 10, warmup: int = 3) -> tuple[fl
   return statistics.median(times), times
 
 
-def time_compiled_step(compiled, carry: tuple, batch: tuple, key: jax.Array, steps: int,
-                       warmup: int) -> dict:
-  """Times ``compiled(*carry, *batch, key) -> (*carry, loss)`` as a training loop runs it: each
-  call gets the previous call's (donated) carry and a fresh key, split before timing starts.
+def time_interleaved(runners: dict[str, Callable[[], Any]], steps: int = 10, warmup: int = 3,
+                     rounds: int = 5) -> dict[str, list[float]]:
+  """Wall times in ms of several implementations, taken call by call in alternation.
+
+  Each runner is warmed up; then ``steps * rounds`` times, every runner is called once in turn
+  (the order reversed every other time), so that drift in the machine's speed (frequency,
+  memory bandwidth shared with neighbours) falls on all of them alike and the ratios of their
+  medians are fair even when absolute times wander.
 
   Returns:
-    ``{"ms": median ms, "ms_all": [ms per timed step], "temp_bytes": int | None}``, the
-    temporary memory from the compiled step's ``memory_analysis()``.
+    ``{name: [ms of each of the steps * rounds timed calls]}``.
   """
-  keys = iter(list(jax.random.split(key, warmup + steps)))
+  names = list(runners)
+  for name in names:
+    for _ in range(warmup):
+      jax.block_until_ready(runners[name]())
+  times: dict[str, list[float]] = {name: [] for name in names}
+  for i in range(steps * rounds):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      start = time.perf_counter()
+      jax.block_until_ready(runners[name]())
+      times[name].append(1e3 * (time.perf_counter() - start))
+  return times
+
+
+def compiled_step_runner(compiled, carry: tuple, batch: tuple, key: jax.Array,
+                         calls: int) -> tuple[Callable[[], Any], int | None]:
+  """A no-argument runner of ``compiled(*carry, *batch, key) -> (*carry, loss)`` that feeds each
+  call the previous call's (donated) carry and a fresh key, as a training loop does; the
+  ``calls`` keys are split up front. Also returns the compiled step's temporary memory."""
+  keys = iter(list(jax.random.split(key, calls)))
 
   def run():
     nonlocal carry
@@ -88,10 +109,8 @@ def time_compiled_step(compiled, carry: tuple, batch: tuple, key: jax.Array, ste
     carry = tuple(new)
     return loss
 
-  ms, ms_all = time_ms(run, steps, warmup)
   analysis = compiled.memory_analysis()
-  return {"ms": ms, "ms_all": ms_all,
-          "temp_bytes": None if analysis is None else int(analysis.temp_size_in_bytes)}
+  return run, None if analysis is None else int(analysis.temp_size_in_bytes)
 
 
 def synthetic_batch(batch_size: int = 128, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -166,17 +185,12 @@ def flax_setup(batch_size: int = 128, seed: int = 0):
   return jax.jit(step, donate_argnums=(0, 1, 2)), (params, batch_stats, opt_state, x, y), key
 
 
-def flax_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
-                    seed: int = 0) -> dict | None:
-  """Times the jitted Flax training step on the synthetic batch.
-
-  Each call gets a fresh dropout key and the previous call's (donated) state, as in a real
-  training loop. ``temp_bytes`` is the compiled step's temporary memory from XLA's
-  ``memory_analysis()``.
+def flax_runner(batch_size: int = 128, seed: int = 0, calls: int = 100) -> dict | None:
+  """The jitted Flax training step, ready to time.
 
   Returns:
-    ``{"ms": median ms per step, "ms_all": [ms per timed step], "temp_bytes": int | None,
-    "version": flax version}``, or ``None`` if Flax is not installed.
+    ``{"run": no-argument step, good for ``calls`` calls, "temp_bytes": int | None (compiled
+    temporary memory), "version": "flax X.Y.Z"}``, or ``None`` if Flax is not installed.
   """
   try:
     import flax  # noqa: PLC0415
@@ -184,8 +198,8 @@ def flax_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
     return None
   step, (params, batch_stats, opt_state, x, y), key = flax_setup(batch_size, seed)
   compiled = step.lower(params, batch_stats, opt_state, x, y, key).compile()
-  return {**time_compiled_step(compiled, (params, batch_stats, opt_state), (x, y), key, steps,
-                               warmup), "version": flax.__version__}
+  run, temp = compiled_step_runner(compiled, (params, batch_stats, opt_state), (x, y), key, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}
 
 
 def torch_model():
@@ -229,22 +243,18 @@ def torch_setup(batch_size: int = 128, seed: int = 0):
   return step, model, x, y
 
 
-def torch_train_step(batch_size: int = 128, steps: int = 10, warmup: int = 3,
-                     seed: int = 0) -> dict | None:
-  """Times the PyTorch eager (CPU) training step on the synthetic batch.
-
-  ``torch.set_num_threads`` is left at its default, reported as ``"threads"``.
+def torch_runner(batch_size: int = 128, seed: int = 0) -> dict | None:
+  """The PyTorch eager (CPU) training step, ready to time; ``torch.set_num_threads`` is left at
+  its default and reported.
 
   Returns:
-    ``{"ms": median ms per step, "ms_all": [ms per timed step], "temp_bytes": None,
-    "version": torch version, "threads": torch.get_num_threads()}``, or ``None`` if PyTorch is
-    not installed.
+    ``{"run": no-argument step, "temp_bytes": None, "version": "torch X.Y.Z (N threads)"}``,
+    or ``None`` if PyTorch is not installed.
   """
   try:
     import torch  # noqa: PLC0415
   except ImportError:
     return None
   step, *_ = torch_setup(batch_size, seed)
-  ms, ms_all = time_ms(step, steps, warmup)
-  return {"ms": ms, "ms_all": ms_all, "temp_bytes": None, "version": torch.__version__,
-          "threads": torch.get_num_threads()}
+  return {"run": step, "temp_bytes": None,
+          "version": f"torch {torch.__version__} ({torch.get_num_threads()} threads)"}

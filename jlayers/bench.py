@@ -1,6 +1,7 @@
 """``python -m jlayers.bench``: manual rules against autodiff (and peers), as same-run ratios.
 
-Three sections, each measured in one run on one machine (jit, warm-up, median of several runs):
+Three sections, each measured in one run on one machine (jit, warm-up, then the implementations
+timed in alternating rounds so that drift in machine speed falls on all alike; medians):
 
 * **ops** — forward+backward of every registered op at a realistic size (the registry's bench
   case): milliseconds and compiled temporary memory for the manual rule and the autodiff twin,
@@ -17,9 +18,12 @@ Prints a Markdown table; ``--json`` prints the same figures for machines.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import re
+import statistics
 import sys
 
 import jax
@@ -36,7 +40,6 @@ from jlayers.models import Sequential
 from jlayers.reference import softmax_cross_entropy as softmax_cross_entropy_reference
 from jlayers.registry import OPS
 
-time_ms = peers.time_ms
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -55,8 +58,8 @@ def fwd_bwd(fn, case, args):
   return jax.jit(run)
 
 
-def bench_op(spec, steps: int, warmup: int, seed: int = 0) -> dict:
-  """Manual versus autodiff forward+backward of ``spec.bench`` (float32)."""
+def bench_op(spec, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
+  """Manual versus autodiff forward+backward of ``spec.bench`` (float32), timed interleaved."""
   case = spec.bench
   rng = np.random.default_rng(seed)
   args = case.make(rng, jnp.float32)
@@ -64,17 +67,32 @@ def bench_op(spec, steps: int, warmup: int, seed: int = 0) -> dict:
   cot = _verify.random_like(rng, jax.eval_shape(_verify.restrict(spec.reference, case, args),
                                                 *primals))
   row = {"op": spec.name, "size": case.id}
+  runners, programs = {}, {}
   for impl, fn in (("manual", spec.manual), ("autodiff", spec.reference)):
     f = fwd_bwd(fn, case, args)
-    row[f"{impl}_ms"] = time_ms(lambda: f(primals, cot), steps, warmup)[0]  # noqa: B023
+    runners[impl] = functools.partial(f, primals, cot)
+    programs[impl] = canonical_hlo(f.lower(primals, cot).compile().as_text())
     row[f"{impl}_temp"] = temp_bytes(f, primals, cot)
     row[f"{impl}_saved"] = saved_bytes(_verify.restrict(fn, case, args), primals)
+  for impl, times in peers.time_interleaved(runners, steps, warmup, rounds).items():
+    row[f"{impl}_ms"] = statistics.median(times)
   row["time_ratio"] = row["manual_ms"] / row["autodiff_ms"]
+  row["same_program"] = programs["manual"] == programs["autodiff"]
   row["temp_ratio"] = (row["manual_temp"] / row["autodiff_temp"]
                        if row["autodiff_temp"] else None)
   row["saved_ratio"] = (row["manual_saved"] / row["autodiff_saved"]
                         if row["autodiff_saved"] else None)
   return row
+
+
+def canonical_hlo(text: str) -> str:
+  """Compiled HLO with metadata dropped and every ``%name`` renumbered by first appearance, so
+  that two programs compare equal exactly when XLA will run the same instructions."""
+  names: dict[str, str] = {}
+  lines = [re.sub(r", metadata=\{[^}]*\}", "", line).strip() for line in text.splitlines()
+           if " = " in line and "%" in line]
+  return "\n".join(re.sub(r"%[\w.\-]+", lambda m: names.setdefault(m.group(), f"%{len(names)}"),
+                          line) for line in lines)
 
 
 def saved_bytes(fn, primals) -> int:
@@ -85,18 +103,19 @@ def saved_bytes(fn, primals) -> int:
              if not why.startswith("from the argument"))
 
 
-def bench_linear_throughput(steps: int, warmup: int, n: int = 1024) -> dict:
-  """``linear`` fwd+bwd (3 matmuls of n³ MACs) against one plain ``x @ w`` of the same size."""
-  spec = OPS["linear"]
+def bench_linear_throughput(steps: int, warmup: int, rounds: int, n: int = 1024) -> dict:
+  """``linear`` fwd+bwd (output, dx, dw: three n³-MAC matmuls) against one plain ``x @ w``."""
   rng = np.random.default_rng(0)
   x, w, g = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(3))
   matmul = jax.jit(jnp.matmul)
-  matmul_ms = time_ms(lambda: matmul(x, w), steps, warmup)[0]
-  lin = jax.jit(lambda x, w, g: jax.vjp(spec.manual, x, w)[1](g))
-  linear_ms = time_ms(lambda: lin(x, w, g), steps, warmup)[0]
-  gflops = 2 * n**3 / matmul_ms / 1e6
+  lin = jax.jit(lambda x, w, g: (lambda out, pullback: (out, pullback(g)))(
+      *jax.vjp(OPS["linear"].manual, x, w)))
+  times = peers.time_interleaved({"matmul": lambda: matmul(x, w), "linear": lambda: lin(x, w, g)},
+                                 steps, warmup, rounds)
+  matmul_ms, linear_ms = statistics.median(times["matmul"]), statistics.median(times["linear"])
   return {"n": n, "matmul_ms": matmul_ms, "linear_fwd_bwd_ms": linear_ms,
-          "matmul_gflops": gflops, "linear_gflops": 3 * 2 * n**3 / linear_ms / 1e6,
+          "matmul_gflops": 2 * n**3 / matmul_ms / 1e6,
+          "linear_gflops": 3 * 2 * n**3 / linear_ms / 1e6,
           "fraction_of_matmul": 3 * matmul_ms / linear_ms}
 
 
@@ -110,12 +129,9 @@ def cnn() -> Sequential:
                      Dropout(peers.DROPOUT_RATE), Linear(peers.NUM_CLASSES)])
 
 
-def jlayers_train_step(impl: str, batch_size: int = 128, steps: int = 10, warmup: int = 3,
-                       seed: int = 0) -> dict:
-  """Times one jitted SGD-with-momentum training step of :func:`cnn` on the synthetic batch.
-
-  Compiled once (state donated, as in a training loop); ``temp_bytes`` from that compilation.
-  """
+def jlayers_runner(impl: str, batch_size: int = 128, seed: int = 0, calls: int = 100) -> dict:
+  """The jitted SGD-with-momentum training step of :func:`cnn` on the peers' synthetic batch,
+  compiled once with its state donated, ready to time (see ``_bench_peers.flax_runner``)."""
   model = cnn()
   x_np, y_np = peers.synthetic_batch(batch_size, seed)
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
@@ -136,19 +152,23 @@ def jlayers_train_step(impl: str, batch_size: int = 128, steps: int = 10, warmup
   key = jax.random.key(seed + 1)
   compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
       params, state, opt_state, x, y, key).compile()
-  return {**peers.time_compiled_step(compiled, (params, state, opt_state), (x, y), key, steps,
-                                     warmup), "version": f"jlayers {jlayers_version}"}
+  run, temp = peers.compiled_step_runner(compiled, (params, state, opt_state), (x, y), key, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"jlayers {jlayers_version}"}
 
 
-def bench_train_step(steps: int, warmup: int) -> dict:
-  """jlayers manual and autodiff, and the installed peers, one after another in this run."""
-  rows = {"jlayers manual": jlayers_train_step("manual", steps=steps, warmup=warmup),
-          "jlayers autodiff": jlayers_train_step("autodiff", steps=steps, warmup=warmup)}
-  for name, fn in (("Flax linen", peers.flax_train_step), ("PyTorch eager", peers.torch_train_step)):
-    result = fn(steps=steps, warmup=warmup)
-    if result is not None:
-      rows[name] = result
-  return rows
+def bench_train_step(steps: int, warmup: int, rounds: int) -> dict:
+  """jlayers manual and autodiff and the installed peers, timed in alternating rounds."""
+  calls = warmup + 1 + steps * rounds
+  setups = {"jlayers manual": jlayers_runner("manual", calls=calls),
+            "jlayers autodiff": jlayers_runner("autodiff", calls=calls),
+            "Flax linen": peers.flax_runner(calls=calls),
+            "PyTorch eager": peers.torch_runner()}
+  setups = {name: s for name, s in setups.items() if s is not None}
+  times = peers.time_interleaved({name: s["run"] for name, s in setups.items()}, steps, warmup,
+                                 rounds)
+  return {name: {"ms": statistics.median(times[name]), "ms_all": times[name],
+                 "temp_bytes": s["temp_bytes"], "version": s["version"]}
+          for name, s in setups.items()}
 
 
 def _fmt_bytes(b):
@@ -162,15 +182,16 @@ def _fmt_ratio(r):
 def print_tables(report, out=sys.stdout):
   m = report["machine"]
   print(f"Machine: {m['cpu']} ({m['cores']} cores), {m['platform']}, jax {m['jax']}, "
-        f"backend {m['backend']}; median of {report['steps']} runs after {report['warmup']} "
-        f"warm-up; 1-minute load average {m['load_average_1min']:.1f} at the start.\n", file=out)
+        f"backend {m['backend']}; median of {report['rounds']} alternating rounds × "
+        f"{report['steps']} runs after {report['warmup']} warm-up; 1-minute load average {m['load_average_1min']:.1f} at the start.\n", file=out)
   if report.get("ops"):
-    print("| op | size | manual ms | autodiff ms | time ratio | manual temp | autodiff temp "
-          "| temp ratio | saved for bwd, manual / autodiff |", file=out)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", file=out)
+    print("| op | size | manual ms | autodiff ms | time ratio | same XLA program | manual temp "
+          "| autodiff temp | temp ratio | saved for bwd, manual / autodiff |", file=out)
+    print("|---|---|---:|---:|---:|:-:|---:|---:|---:|---:|", file=out)
     for r in report["ops"]:
       print(f"| {r['op']} | {r['size']} | {r['manual_ms']:.2f} | {r['autodiff_ms']:.2f} | "
-            f"{_fmt_ratio(r['time_ratio'])} | {_fmt_bytes(r['manual_temp'])} | "
+            f"{_fmt_ratio(r['time_ratio'])} | {'yes' if r['same_program'] else 'no'} | "
+            f"{_fmt_bytes(r['manual_temp'])} | "
             f"{_fmt_bytes(r['autodiff_temp'])} | {_fmt_ratio(r['temp_ratio'])} | "
             f"{_fmt_bytes(r['manual_saved'])} / {_fmt_bytes(r['autodiff_saved'])} |", file=out)
     print(file=out)
@@ -216,17 +237,20 @@ def main(argv=None) -> int:
                       help="comma-separated subset of ops,linear,train")
   parser.add_argument("--steps", type=int, default=10, help="timed runs per measurement")
   parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
+  parser.add_argument("--rounds", type=int, default=5,
+                      help="alternating rounds: implementations are timed in turn, steps each")
   parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
   args = parser.parse_args(argv)
   sections = set(args.sections.split(","))
-  report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup}
+  report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup,
+            "rounds": args.rounds}
   if "ops" in sections:
-    report["ops"] = [bench_op(spec, args.steps, args.warmup) for name, spec in OPS.items()
+    report["ops"] = [bench_op(spec, args.steps, args.warmup, args.rounds) for name, spec in OPS.items()
                      if spec.bench is not None and (not args.op or name in args.op)]
   if "linear" in sections:
-    report["linear"] = bench_linear_throughput(args.steps, args.warmup)
+    report["linear"] = bench_linear_throughput(args.steps, args.warmup, args.rounds)
   if "train" in sections:
-    report["train"] = bench_train_step(args.steps, args.warmup)
+    report["train"] = bench_train_step(args.steps, args.warmup, args.rounds)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()
