@@ -43,18 +43,21 @@ def _sum(v, axis, axis_name):
   return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
-def _device_share(local, total, param, axis_name):
-  """The cotangent for a per-feature ``param`` under a mapped ``axis_name``.
+def _varying(v, axis_name):
+  """``v`` marked as varying over the ``shard_map`` axes among ``axis_name``.
 
-  Inside ``shard_map`` a replicated parameter needs the device-summed cotangent ``total``
-  (autodiff transposes its implicit broadcast to a ``psum``); a parameter that already varies
-  over the axis, or any parameter under ``pmap``, gets this device's ``local`` share.
+  A parameter replicated across a ``shard_map`` (``pmap`` is built on it) must enter the custom
+  rule as a per-device value: the rule then returns this device's share of its gradient and
+  JAX's transpose of the cast sums the shares, as autodiff of the twin does. Under ``vmap`` the
+  parameter is a per-example value already and is left as it is.
   """
   if axis_name is None:
-    return local
-  varying = getattr(getattr(jax.typeof(param), "mat", None), "varying", None)
+    return v
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  return total if varying is not None and not set(names) <= set(varying) else local
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  varying = getattr(getattr(jax.typeof(v), "mat", None), "varying", frozenset())
+  missing = tuple(n for n in names if n in manual and n not in varying)
+  return jax.lax.pcast(v, missing, to="varying") if missing else v
 
 
 def _count(x, axis, axis_name):
@@ -83,13 +86,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int =
     offset: float[C] (``β``), any float dtype.
     axis: the feature axis.
     eps: positive constant added to the variance.
-    axis_name: optional name of a ``pmap``/``shard_map`` axis to reduce the statistics over.
+    axis_name: optional name (or tuple of names) of a ``shard_map``, ``pmap`` or ``vmap`` axis
+      to reduce the statistics over.
 
   Returns:
     ``(y, batch_mean, batch_var)``: ``y`` float[x.shape] in ``x``'s dtype; ``batch_mean`` and
     ``batch_var`` float[C] (biased variance) in float32 for bf16/f16 ``x``, else ``x``'s dtype.
     Statistics are computed in at least float32; the variance is two-pass and never negative.
-    Gradients flow through all three outputs.
+    Gradients flow through all three outputs (with ``axis_name``, those of the statistics
+    by autodiff: see the comment in the body).
 
   Examples:
     >>> import jax.numpy as jnp, jlayers
@@ -98,21 +103,37 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int =
     ([-1.0, 1.0], [2.0], [1.0])
   """
   x, axis, eps, v = _config("batch_norm", x, axis, eps, axis_name, scale=scale, offset=offset)
-  return _batch_norm(axis, eps, axis_name, x, v["scale"], v["offset"])
+  y, mean, var = _batch_norm(axis, eps, axis_name, x, _varying(v["scale"], axis_name),
+                             _varying(v["offset"], axis_name))
+  if axis_name is not None:
+    # Where the cotangents of replicated statistics arrive depends on the mapping: whole under
+    # shard_map, one share per device under pmap and vmap(grad), pre-summed under grad(vmap).
+    # JAX's transpose of psum knows which; a custom rule cannot see it. So with axis_name the
+    # returned statistics are differentiated by JAX, and y keeps the closed-form rule (XLA
+    # merges the repeated reductions under jit).
+    mean, var, _ = _statistics(x, axis, axis_name)
+  return y, mean, var
+
+
+def _statistics(x, axis, axis_name):
+  """Per-feature mean and (two-pass, never negative) variance in at least float32, and the
+  element count, over every axis but ``axis`` and the devices of ``axis_name``."""
+  xc = x.astype(_checks.at_least_float32(x.dtype))
+  n = _count(x, axis, axis_name)
+  mean = _sum(xc, axis, axis_name) / n
+  centred = xc - _per_channel(mean, x.ndim, axis)
+  return mean, _sum(centred * centred, axis, axis_name) / n, n
 
 
 def _train_forward(axis, eps, axis_name, x, scale, offset):
   cdt = _checks.at_least_float32(x.dtype)
-  xc = x.astype(cdt)
-  n = _count(x, axis, axis_name)
-  mean = _sum(xc, axis, axis_name) / n
-  centred = xc - _per_channel(mean, x.ndim, axis)
-  var = _sum(centred * centred, axis, axis_name) / n
+  mean, var, n = _statistics(x, axis, axis_name)
+  centred = x.astype(cdt) - _per_channel(mean, x.ndim, axis)
   inv = jax.lax.rsqrt(var + eps)
   xhat = centred * _per_channel(inv, x.ndim, axis)
   y = xhat * _per_channel(scale.astype(cdt), x.ndim, axis) + _per_channel(
       offset.astype(cdt), x.ndim, axis)
-  return (y.astype(x.dtype), mean, var), xhat, inv
+  return (y.astype(x.dtype), mean, var), xhat, inv, n
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -124,10 +145,12 @@ def _batch_norm_fwd(axis, eps, axis_name, x, scale, offset):
   """Saves ``x̂`` (in ``x``'s dtype) and the per-feature ``inv = 1/√(σ²+ε)`` and ``γ``.
 
   The closed-form backward needs exactly these: ``x`` and ``μ`` enter only through ``x̂``, and
-  ``σ`` only through ``inv``. ``β`` is kept only for its dtype (a per-feature vector).
+  ``σ`` only through ``inv``. ``β`` is kept only for its dtype (a per-feature vector), and the
+  element count ``N`` (over all devices with ``axis_name``) so the backward needs no collective
+  for it.
   """
-  out, xhat, inv = _train_forward(axis, eps, axis_name, x, scale, offset)
-  return out, (xhat.astype(x.dtype), inv, scale, offset)
+  out, xhat, inv, n = _train_forward(axis, eps, axis_name, x, scale, offset)
+  return out, (xhat.astype(x.dtype), inv, scale, offset, n)
 
 
 def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
@@ -151,7 +174,8 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   which drops the ``−dβ/N`` and ``−x̂_i dγ/N`` couplings through ``μ`` and ``σ``; they also
   multiply by a stray ``Y`` and drop ``γ``. Both disagree with autodiff (see the tests).
 
-  The statistics are outputs too. With cotangents ``g_μ`` and ``g_{σ²}``:
+  The statistics are outputs too. With cotangents ``g_μ`` and ``g_{σ²}`` (without
+  ``axis_name``; with it, JAX differentiates the returned statistics, see :func:`batch_norm`):
   ``∂μ/∂x_i = 1/N`` and ``∂σ²/∂x_i = 2(x_i − μ)/N = 2 \hat x_i /(inv·N)``, so
 
   .. math::
@@ -159,10 +183,11 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
 
   With ``axis_name`` the sums ``dβ, dγ`` used inside ``dx`` are over all devices (``N`` is the
   global count); the returned ``dγ, dβ`` are this device's share, as autodiff of a ``psum``
-  gives (summed over devices for a parameter replicated across ``shard_map``). Work is in at
+  gives (a parameter replicated across ``shard_map`` enters as a per-device value, so JAX sums
+  the shares). Work is in at
   least float32, and each cotangent is cast to its input's dtype.
   """
-  xhat_saved, inv, scale, offset = res
+  xhat_saved, inv, scale, offset, n = res
   gy, gmean, gvar = cotangents
   cdt = inv.dtype
   nd = xhat_saved.ndim
@@ -175,14 +200,13 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
     dbeta, dgamma = dbeta_local, dgamma_local
   else:
     dbeta, dgamma = jax.lax.psum((dbeta_local, dgamma_local), axis_name)
-  n = _count(xhat, axis, axis_name)
   gamma_inv = scale.astype(cdt) * inv
   pc = functools.partial(_per_channel, ndim=nd, axis=axis)
   dx = pc(gamma_inv) * (g - pc(dbeta / n) - xhat * pc(dgamma / n))
-  dx = dx + pc(gmean.astype(cdt) / n) + xhat * pc(2 * gvar.astype(cdt) / (inv * n))
-  dgamma = _device_share(dgamma_local, dgamma, scale, axis_name)
-  dbeta = _device_share(dbeta_local, dbeta, offset, axis_name)
-  return dx.astype(gy.dtype), dgamma.astype(scale.dtype), dbeta.astype(offset.dtype)
+  if axis_name is None:  # with axis_name the statistics are differentiated outside this rule
+    dx = dx + pc(gmean.astype(cdt) / n) + xhat * pc(2 * gvar.astype(cdt) / (inv * n))
+  return (dx.astype(gy.dtype), dgamma_local.astype(scale.dtype),
+          dbeta_local.astype(offset.dtype))
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
