@@ -1,4 +1,4 @@
-"""The benchmark CNN in peer libraries (Flax linen, PyTorch eager) and a timed training step each.
+"""The benchmark CNN in peer libraries (Flax linen, PyTorch eager), and the benchmark's timers.
 
 Both build the same architecture as the jlayers train-step benchmark:
 
@@ -14,13 +14,12 @@ updated with momentum 0.99 in Flax's convention, i.e. PyTorch ``momentum=0.01``;
 dropout draws a fresh mask every step.
 
 Flax and PyTorch are optional (``pip install "jlayers[bench]"``) and imported only inside the
-functions here, so ``import jlayers`` never needs them. Each ``*_train_step`` returns ``None``
-when its library is missing.
+functions here, so ``import jlayers`` never needs them. Each ``*_runner`` returns ``None`` when
+its library is missing.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,39 +35,6 @@ BN_MOMENTUM = 0.99  # Flax convention: running = m * running + (1 - m) * batch.
 TORCH_BN_MOMENTUM = 0.01  # The same, in PyTorch's convention (1 - m).
 BN_EPS = 1e-5
 DROPOUT_RATE = 0.5
-
-
-def time_ms(fn: Callable[[], Any], steps: int = 10, warmup: int = 3) -> tuple[float, list[float]]:
-  """Median and all wall times in milliseconds of ``fn()``, after ``warmup`` untimed calls.
-
-  Every call's result is blocked on with :func:`jax.block_until_ready`, so asynchronous JAX
-  dispatch is included in the time; leaves that are not JAX arrays (a PyTorch tensor, a float)
-  pass through unchanged, which is right for eager libraries that finish before returning.
-
-  Args:
-    fn: called with no arguments once per run; its return value (any pytree) is blocked on.
-    steps: number of timed calls, at least 1.
-    warmup: number of untimed calls first (compilation, caches, allocator).
-
-  Returns:
-    ``(median_ms, [ms of each timed call])``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> median, runs = time_ms(lambda: jnp.ones(3).sum(), steps=3, warmup=1)
-    >>> len(runs), median > 0
-    (3, True)
-  """
-  if steps < 1:
-    raise ValueError(f"time_ms: steps must be at least 1, got {steps}")
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(1e3 * (time.perf_counter() - start))
-  return statistics.median(times), times
 
 
 def time_interleaved(runners: dict[str, Callable[[], Any]], steps: int = 10, warmup: int = 3,

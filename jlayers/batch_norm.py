@@ -16,7 +16,9 @@ def _config(op, x, axis, eps, axis_name, **vectors):
   x = _checks.floating(op, "x", x)
   _checks.min_rank(op, "x", x, 1)
   axis = _checks.axis_index(op, "axis", axis, x.ndim)
-  if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+  if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
+  if not eps > 0:
     raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
   if axis_name is not None:
     try:

@@ -33,11 +33,10 @@ import optax
 
 from jlayers import __version__ as jlayers_version
 from jlayers import _bench_peers as peers
+from jlayers import _impl
 from jlayers import _verify
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from jlayers.loss import softmax_cross_entropy
 from jlayers.models import Sequential
-from jlayers.reference import softmax_cross_entropy as softmax_cross_entropy_reference
 from jlayers.registry import OPS
 
 
@@ -137,7 +136,7 @@ def jlayers_runner(impl: str, batch_size: int = 128, seed: int = 0, calls: int =
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   params, state = model.init(jax.random.key(seed), x.shape)
   opt = optax.sgd(peers.LEARNING_RATE, momentum=peers.MOMENTUM)
-  xent = softmax_cross_entropy if impl == "manual" else softmax_cross_entropy_reference
+  xent = _impl.op("softmax_cross_entropy", impl)
 
   def loss_fn(params, state, x, y, key):
     logits, state = model.apply(params, state, x, key=key, train=True, impl=impl)
@@ -242,6 +241,9 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
   args = parser.parse_args(argv)
   sections = set(args.sections.split(","))
+  if sections - {"ops", "linear", "train"} or set(args.op or ()) - set(OPS):
+    parser.error(f"unknown section or op: {sorted(sections - {'ops', 'linear', 'train'})} "
+                 f"{sorted(set(args.op or ()) - set(OPS))}; ops: {', '.join(OPS)}")
   report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds}
   if "ops" in sections:

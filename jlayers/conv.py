@@ -204,8 +204,9 @@ def _conv2d_bwd(config, res, g):
                                 lhs_dilation=stride, rhs_dilation=dilation,
                                 dimension_numbers=_DNUMS[layout], feature_group_count=groups)
   dw_pads = [(lo, k + od - 1 - n - lo) for (lo, _), n, k, od in zip(pads, size, k_eff, out_dil)]
-  patch_bytes = kernel[0] * kernel[1] * x.size // x.shape[0] // size[0] // size[1] * (
-      g.shape[xs[0]] * g.shape[xs[1]] * x.dtype.itemsize)  # H'·W'·KH·KW·C per image
+  channels = x.shape[3 if layout == "NHWC" else 1]
+  patch_bytes = (kernel[0] * kernel[1] * channels * g.shape[xs[0]] * g.shape[xs[1]]
+                 * x.dtype.itemsize)  # H'·W'·KH·KW·C per image
   chunk = _chunk(x.shape[0], patch_bytes, x.size * x.dtype.itemsize)
   if chunk:
     dw = _dw_patches(x, g, kernel, dw_pads, chunk, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,8 @@ def _apply(forward, x, key, rate, broadcast_dims):
   """Validation and mask sampling shared by the op and its twin, then ``forward``."""
   x = _checks.floating("dropout", "x", x)
   key = _typed_key(key)
+  if isinstance(broadcast_dims, (str, bytes)) or not isinstance(broadcast_dims, Sequence):
+    raise TypeError(f"dropout: broadcast_dims must be a sequence of axes, got {broadcast_dims!r}")
   dims = {_checks.axis_index("dropout", "broadcast_dims", d, x.ndim) for d in broadcast_dims}
   rate_arr = _rate(rate, x.dtype)
   if isinstance(rate, numbers.Real) and rate == 0:

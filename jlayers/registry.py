@@ -43,7 +43,8 @@ class OpSpec:
     manual: the op with the hand-written ``custom_vjp``.
     reference: the plain-jnp twin with the same signature.
     cases: the configuration grid.
-    order2: ids of the cases that the (slower) second-order checks run on.
+    representative: ids of the cases the costlier generic checks run on (second order, jit,
+      vmap, dtypes); default the first case. Choose ones that exercise the real rule.
     bench: ``bench(rng) -> Case``-like realistic-size case for the benchmark, or ``None``.
   """
 
@@ -51,7 +52,7 @@ class OpSpec:
   manual: Callable[..., Any]
   reference: Callable[..., Any]
   cases: tuple[Case, ...]
-  order2: tuple[str, ...] = ()
+  representative: tuple[str, ...] = ()
   bench: Case | None = None
 
   def case(self, case_id: str) -> Case:
@@ -61,8 +62,10 @@ class OpSpec:
     raise KeyError(f"{self.name} has no case {case_id!r}")
 
   @property
-  def order2_cases(self) -> tuple[Case, ...]:
-    return tuple(self.case(i) for i in self.order2) if self.order2 else self.cases[:1]
+  def representative_cases(self) -> tuple[Case, ...]:
+    if not self.representative:
+      return self.cases[:1]
+    return tuple(self.case(i) for i in self.representative)
 
 
 def normal(rng: np.random.Generator, shape, dtype, scale: float = 1.0):

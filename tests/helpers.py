@@ -16,7 +16,3 @@ def raises_eager_and_jit(exc, match, fn, *args):
 def residual_avals(fn, *args):
   """Shapes and dtypes of what ``fn`` saves for its backward pass (arguments included)."""
   return [aval for aval, _ in saved_residuals(fn, *args)]
-
-
-def residual_bytes(fn, *args):
-  return sum(a.size * a.dtype.itemsize for a in residual_avals(fn, *args))

@@ -197,6 +197,8 @@ BAD = [
      lambda x: jlayers.batch_norm(x, jnp.ones(3), jnp.zeros((1, 3)))),
     ("eps zero", ValueError, "batch_norm: eps must be a positive float, got 0",
      lambda x: jlayers.batch_norm(x, jnp.ones(3), jnp.zeros(3), eps=0)),
+    ("eps string", TypeError, "batch_norm: eps must be a positive float, got str",
+     lambda x: jlayers.batch_norm(x, jnp.ones(3), jnp.zeros(3), eps="1e-5")),
     ("axis range", ValueError, "batch_norm: axis=2 is out of range for an input of rank 2",
      lambda x: jlayers.batch_norm(x, jnp.ones(3), jnp.zeros(3), axis=2)),
     ("axis type", TypeError, "batch_norm: axis must be an int, got tuple",

@@ -211,3 +211,12 @@ def test_bad_input_raises(x, w, b, kw, error, match, fn, jit):
   with pytest.raises(error, match=match):
     (jax.jit(call) if jit else call)(jnp.asarray(x), jnp.asarray(w),
                                      None if b is None else jnp.asarray(b))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_empty_batch_has_empty_gradients_and_zero_dw(layout):
+  x = jnp.zeros((0, 5, 5, 4) if layout == "NHWC" else (0, 4, 5, 5))
+  w = jnp.ones((3, 3, 4, 2) if layout == "NHWC" else (2, 4, 3, 3))
+  dx, dw = jax.grad(lambda x, w: jnp.sum(conv2d(x, w, layout=layout)), argnums=(0, 1))(x, w)
+  assert dx.shape == x.shape
+  np.testing.assert_array_equal(dw, np.zeros(w.shape))

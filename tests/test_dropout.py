@@ -86,6 +86,8 @@ BAD = [
      jnp.zeros(3, jnp.uint32)),
     ("batch of keys", ValueError, r"dropout: key must be a single key, got a key array of shape \(2,\)",
      {"rate": 0.5}, jax.random.split(KEY)),
+    ("broadcast int", TypeError, "dropout: broadcast_dims must be a sequence of axes, got 1",
+     {"rate": 0.5, "broadcast_dims": 1}, None),
     ("broadcast dim", ValueError, "dropout: broadcast_dims=3 is out of range for an input of rank 2",
      {"rate": 0.5, "broadcast_dims": (3,)}, None),
 ]

@@ -11,9 +11,8 @@ from jlayers.registry import OPS
 
 ALL_CASES = [pytest.param(spec, case, id=f"{spec.name}-{case.id}")
              for spec in OPS.values() for case in spec.cases]
-ORDER2_CASES = [pytest.param(spec, case, id=f"{spec.name}-{case.id}")
-                for spec in OPS.values() for case in spec.order2_cases]
-FIRST_CASES = [pytest.param(spec, spec.cases[0], id=spec.name) for spec in OPS.values()]
+REPRESENTATIVE = [pytest.param(spec, case, id=f"{spec.name}-{case.id}")
+                  for spec in OPS.values() for case in spec.representative_cases]
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 F64_RTOL = 1e-10
@@ -28,7 +27,7 @@ def test_manual_vjp_equals_reference_vjp_float64(spec, case):
     assert rel <= F64_RTOL, f"grad of arg {argnum}: abs {abs_err:.3g}, rel {rel:.3g}"
 
 
-@pytest.mark.parametrize("spec, case", ORDER2_CASES)
+@pytest.mark.parametrize("spec, case", REPRESENTATIVE)
 def test_check_grads_second_order_float64(spec, case):
   with jax.enable_x64(True):
     args = case.make(np.random.default_rng(1), jnp.float64)
@@ -42,7 +41,7 @@ def _grads(fn, case, args, cot):
   return out, pullback(cot)
 
 
-@pytest.mark.parametrize("spec, case", FIRST_CASES)
+@pytest.mark.parametrize("spec, case", REPRESENTATIVE)
 def test_jit_matches_eager(spec, case):
   rng = np.random.default_rng(2)
   args = case.make(rng, jnp.float32)
@@ -54,7 +53,7 @@ def test_jit_matches_eager(spec, case):
     np.testing.assert_allclose(np.asarray(e), np.asarray(j), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, case", FIRST_CASES)
+@pytest.mark.parametrize("spec, case", REPRESENTATIVE)
 def test_vmap_matches_loop(spec, case):
   """vmap over a new leading axis of every differentiable argument equals a Python loop."""
   rngs = [np.random.default_rng(3 + k) for k in range(3)]
@@ -90,7 +89,7 @@ def _check_dtypes(spec, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spec, case", FIRST_CASES)
+@pytest.mark.parametrize("spec, case", REPRESENTATIVE)
 def test_output_and_grad_dtypes_equal_input_dtypes(spec, case, dtype):
   if dtype == "float64":
     with jax.enable_x64(True):

@@ -43,13 +43,13 @@ SPECS = [
     OpSpec(
         "batch_norm", batch_norm, batch_norm_reference,
         tuple(_train_case(s, a, e) for s, a in _LAYOUTS for e in (1e-5, 0.1)),
-        order2=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
+        representative=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
         bench=Case("64x32x32x64", _bench, diff=(0, 1, 2)),
     ),
     OpSpec(
         "batch_norm_inference", batch_norm_inference, batch_norm_inference_reference,
         tuple(_inference_case(s, a) for s, a in _LAYOUTS),
-        order2=("2x3x4x5-axis1",),
+        representative=("2x3x4x5-axis1",),
         bench=Case("64x32x32x64", lambda rng, dtype: (*_bench(rng, dtype),
                                                       normal(rng, (64,), dtype),
                                                       jnp.ones((64,), dtype)),

@@ -51,7 +51,7 @@ def _bench(rng, dtype):
 SPECS = [
     OpSpec(
         "conv2d", conv2d, conv2d_reference, tuple(_grid()),
-        order2=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
+        representative=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
                 "s2-valid-d1-dw-nchw-even-bias"),
         bench=Case("128x28x28x32-3x3to64-same", _bench, dict(padding="SAME"), diff=(0, 1, 2)),
     ),

@@ -32,7 +32,7 @@ SPECS = [
               for shape, rate, raw in itertools.product(_SHAPES, _RATES, (False, True))
               for dims in _BROADCAST[len(shape)]
               if not (raw and rate in (0.0, 0.9))),
-        order2=("3x5-p0.5-bcastnone-key", "2x4x4x3-parray-bcast12-rawkey"),
+        representative=("3x5-p0.5-bcastnone-key", "2x4x4x3-parray-bcast12-rawkey"),
         bench=Case("128x28x28x32-p0.5",
                    lambda rng, dtype: (normal(rng, (128, 28, 28, 32), dtype), jax.random.key(0)),
                    {"rate": 0.5}),

@@ -23,7 +23,7 @@ SPECS = [
         "linear", linear, linear_reference,
         tuple(_case(lead, i, o, bias)
               for lead, (i, o), bias in itertools.product(_LEADS, _SIZES, (True, False))),
-        order2=("2x3-4to3-bias", "vec-4to3-nobias"),
+        representative=("2x3-4to3-bias", "vec-4to3-nobias"),
         bench=Case("1024x1024", lambda rng, dtype: (normal(rng, (1024, 1024), dtype),
                                                      normal(rng, (1024, 1024), dtype),
                                                      normal(rng, (1024,), dtype)),

@@ -68,14 +68,14 @@ def _bench(draw):
 SPECS = [
     OpSpec(
         "max_pool2d", max_pool2d, max_pool2d_reference, tuple(_grid(distinct)),
-        order2=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5"),
+        representative=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5"),
         bench=_bench(distinct),
     ),
     OpSpec(
         "avg_pool2d", avg_pool2d, avg_pool2d_reference,
         (*_grid(normal),
          *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT)),
-        order2=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5"),
+        representative=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5"),
         bench=_bench(normal),
     ),
 ]
