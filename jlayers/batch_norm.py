@@ -113,24 +113,23 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int =
     # JAX's transpose of psum knows which; a custom rule cannot see it. So with axis_name the
     # returned statistics are differentiated by JAX, and y keeps the closed-form rule (XLA
     # merges the repeated reductions under jit).
-    mean, var, _ = _statistics(x, axis, axis_name)
+    mean, var = _statistics(x, axis, axis_name)[:2]
   return y, mean, var
 
 
 def _statistics(x, axis, axis_name):
-  """Per-feature mean and (two-pass, never negative) variance in at least float32, and the
-  element count, over every axis but ``axis`` and the devices of ``axis_name``."""
+  """Per-feature mean and (two-pass, never negative) variance in at least float32, the element
+  count and ``x − μ``, over every axis but ``axis`` and the devices of ``axis_name``."""
   xc = x.astype(_checks.at_least_float32(x.dtype))
   n = _count(x, axis, axis_name)
   mean = _sum(xc, axis, axis_name) / n
   centred = xc - _per_channel(mean, x.ndim, axis)
-  return mean, _sum(centred * centred, axis, axis_name) / n, n
+  return mean, _sum(centred * centred, axis, axis_name) / n, n, centred
 
 
 def _train_forward(axis, eps, axis_name, x, scale, offset):
   cdt = _checks.at_least_float32(x.dtype)
-  mean, var, n = _statistics(x, axis, axis_name)
-  centred = x.astype(cdt) - _per_channel(mean, x.ndim, axis)
+  mean, var, n, centred = _statistics(x, axis, axis_name)
   inv = jax.lax.rsqrt(var + eps)
   xhat = centred * _per_channel(inv, x.ndim, axis)
   y = xhat * _per_channel(scale.astype(cdt), x.ndim, axis) + _per_channel(
