@@ -57,9 +57,8 @@ def fwd_bwd(fn, case, args):
   return jax.jit(run)
 
 
-def bench_op(spec, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
-  """Manual versus autodiff forward+backward of ``spec.bench`` (float32), timed interleaved."""
-  case = spec.bench
+def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
+  """Manual versus autodiff forward+backward of one of ``spec.bench`` (float32), interleaved."""
   rng = np.random.default_rng(seed)
   args = case.make(rng, jnp.float32)
   primals = tuple(args[i] for i in case.diff)
@@ -182,7 +181,8 @@ def print_tables(report, out=sys.stdout):
   m = report["machine"]
   print(f"Machine: {m['cpu']} ({m['cores']} cores), {m['platform']}, jax {m['jax']}, "
         f"backend {m['backend']}; median of {report['rounds']} alternating rounds × "
-        f"{report['steps']} runs after {report['warmup']} warm-up; 1-minute load average {m['load_average_1min']:.1f} at the start.\n", file=out)
+        f"{report['steps']} runs after {report['warmup']} warm-up; 1-minute load average "
+        f"{m['load_average_1min']:.1f} at the start.\n", file=out)
   if report.get("ops"):
     print("| op | size | manual ms | autodiff ms | time ratio | same XLA program | manual temp "
           "| autodiff temp | temp ratio | saved for bwd, manual / autodiff |", file=out)
@@ -247,8 +247,9 @@ def main(argv=None) -> int:
   report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds}
   if "ops" in sections:
-    report["ops"] = [bench_op(spec, args.steps, args.warmup, args.rounds) for name, spec in OPS.items()
-                     if spec.bench is not None and (not args.op or name in args.op)]
+    report["ops"] = [bench_op(spec, case, args.steps, args.warmup, args.rounds)
+                     for name, spec in OPS.items() if not args.op or name in args.op
+                     for case in spec.bench]
   if "linear" in sections:
     report["linear"] = bench_linear_throughput(args.steps, args.warmup, args.rounds)
   if "train" in sections:

@@ -39,7 +39,8 @@ def _rate(rate, dtype) -> jax.Array:
     raise TypeError(f"dropout: rate must be a float or a scalar float array, got "
                     f"{type(rate).__name__}")
   if rate.shape != () or not jnp.issubdtype(rate.dtype, jnp.floating):
-    raise TypeError(f"dropout: rate must be a scalar float array, got {rate.dtype}{list(rate.shape)}")
+    raise TypeError(
+        f"dropout: rate must be a scalar float array, got {rate.dtype}{list(rate.shape)}")
   return jnp.asarray(rate).astype(wide)
 
 

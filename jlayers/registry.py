@@ -45,7 +45,7 @@ class OpSpec:
     cases: the configuration grid.
     representative: ids of the cases the costlier generic checks run on (second order, jit,
       vmap, dtypes); default the first case. Choose ones that exercise the real rule.
-    bench: ``bench(rng) -> Case``-like realistic-size case for the benchmark, or ``None``.
+    bench: realistic-size cases for ``python -m jlayers.bench`` (none: not benchmarked).
   """
 
   name: str
@@ -53,7 +53,7 @@ class OpSpec:
   reference: Callable[..., Any]
   cases: tuple[Case, ...]
   representative: tuple[str, ...] = ()
-  bench: Case | None = None
+  bench: tuple[Case, ...] = ()
 
   def case(self, case_id: str) -> Case:
     for c in self.cases:

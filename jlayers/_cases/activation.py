@@ -12,7 +12,8 @@ SPECS = [
     OpSpec(
         "relu", relu, relu_reference,
         tuple(_case(s) for s in ((7,), (3, 5), (2, 3, 4), (2, 4, 4, 3), (1, 1))),
-        bench=Case("128x28x28x32",
-                   lambda rng, dtype: (away_from_zero(rng, (128, 28, 28, 32), dtype),)),
+        bench=tuple(Case("x".join(map(str, s)),
+                         lambda rng, dtype, s=s: (away_from_zero(rng, s, dtype),))
+                    for s in ((128, 28, 28, 32), (128, 14, 14, 64))),
     ),
 ]

@@ -34,9 +34,14 @@ def _inference_case(shape, axis):
               diff=(0, 1, 2, 3, 4))
 
 
-def _bench(rng, dtype):
-  return (normal(rng, (64, 32, 32, 64), dtype), normal(rng, (64,), dtype),
-          normal(rng, (64,), dtype))
+def _bench(shape):
+  def make(rng, dtype):
+    return (normal(rng, shape, dtype), normal(rng, shape[-1:], dtype),
+            normal(rng, shape[-1:], dtype))
+  return make
+
+
+_BENCH_SHAPES = ((64, 32, 32, 64), (128, 28, 28, 32), (128, 14, 14, 64))
 
 
 SPECS = [
@@ -44,15 +49,16 @@ SPECS = [
         "batch_norm", batch_norm, batch_norm_reference,
         tuple(_train_case(s, a, e) for s, a in _LAYOUTS for e in (1e-5, 0.1)),
         representative=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
-        bench=Case("64x32x32x64", _bench, diff=(0, 1, 2)),
+        bench=tuple(Case("x".join(map(str, s)), _bench(s), diff=(0, 1, 2))
+                    for s in _BENCH_SHAPES),
     ),
     OpSpec(
         "batch_norm_inference", batch_norm_inference, batch_norm_inference_reference,
         tuple(_inference_case(s, a) for s, a in _LAYOUTS),
         representative=("2x3x4x5-axis1",),
-        bench=Case("64x32x32x64", lambda rng, dtype: (*_bench(rng, dtype),
-                                                      normal(rng, (64,), dtype),
-                                                      jnp.ones((64,), dtype)),
-                   diff=(0, 1, 2, 3, 4)),
+        bench=(Case("64x32x32x64", lambda rng, dtype: (*_bench(_BENCH_SHAPES[0])(rng, dtype),
+                                                       normal(rng, (64,), dtype),
+                                                       jnp.ones((64,), dtype)),
+                    diff=(0, 1, 2, 3, 4)),),
     ),
 ]

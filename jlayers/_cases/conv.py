@@ -43,16 +43,18 @@ def _grid():
     yield _case(*values, bias=sum(index) % 2 == 0)
 
 
-def _bench(rng, dtype):
-  return (normal(rng, (128, 28, 28, 32), dtype), normal(rng, (3, 3, 32, 64), dtype, scale=0.1),
-          normal(rng, (64,), dtype))
+def _bench(size):
+  def make(rng, dtype):
+    return (normal(rng, (128, size, size, 32), dtype),
+            normal(rng, (3, 3, 32, 64), dtype, scale=0.1), normal(rng, (64,), dtype))
+  return Case(f"128x{size}x{size}x32-3x3to64-same", make, dict(padding="SAME"), diff=(0, 1, 2))
 
 
 SPECS = [
     OpSpec(
         "conv2d", conv2d, conv2d_reference, tuple(_grid()),
         representative=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
-                "s2-valid-d1-dw-nchw-even-bias"),
-        bench=Case("128x28x28x32-3x3to64-same", _bench, dict(padding="SAME"), diff=(0, 1, 2)),
+                        "s2-valid-d1-dw-nchw-even-bias"),
+        bench=(_bench(28), _bench(14)),
     ),
 ]

@@ -33,8 +33,8 @@ SPECS = [
               for dims in _BROADCAST[len(shape)]
               if not (raw and rate in (0.0, 0.9))),
         representative=("3x5-p0.5-bcastnone-key", "2x4x4x3-parray-bcast12-rawkey"),
-        bench=Case("128x28x28x32-p0.5",
-                   lambda rng, dtype: (normal(rng, (128, 28, 28, 32), dtype), jax.random.key(0)),
-                   {"rate": 0.5}),
+        bench=tuple(Case(f"{'x'.join(map(str, s))}-p0.5",
+                         lambda rng, dtype, s=s: (normal(rng, s, dtype), jax.random.key(0)),
+                         {"rate": 0.5}) for s in ((128, 28, 28, 32), (128, 14, 14, 64))),
     ),
 ]

@@ -24,9 +24,9 @@ SPECS = [
         tuple(_case(lead, i, o, bias)
               for lead, (i, o), bias in itertools.product(_LEADS, _SIZES, (True, False))),
         representative=("2x3-4to3-bias", "vec-4to3-nobias"),
-        bench=Case("1024x1024", lambda rng, dtype: (normal(rng, (1024, 1024), dtype),
-                                                     normal(rng, (1024, 1024), dtype),
-                                                     normal(rng, (1024,), dtype)),
-                   diff=(0, 1, 2)),
+        bench=(Case("1024x1024", lambda rng, dtype: (normal(rng, (1024, 1024), dtype),
+                                                      normal(rng, (1024, 1024), dtype),
+                                                      normal(rng, (1024,), dtype)),
+                    diff=(0, 1, 2)),),
     ),
 ]

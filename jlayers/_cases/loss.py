@@ -35,8 +35,8 @@ SPECS = [
         "softmax_cross_entropy", softmax_cross_entropy, softmax_cross_entropy_reference,
         tuple(_case(*c) for c in _GRID),
         representative=("4-c5-where", "2x3-c5"),
-        bench=Case("128x10", lambda rng, dtype: (
+        bench=(Case("128x10", lambda rng, dtype: (
             normal(rng, (128, 10), dtype),
-            jnp.asarray(rng.integers(0, 10, (128,)), dtype=jnp.int32))),
+            jnp.asarray(rng.integers(0, 10, (128,)), dtype=jnp.int32))),),
     ),
 ]

@@ -61,8 +61,8 @@ _NO_PAD_COUNT = (  # count_include_pad=False on cases whose windows reach into t
 
 
 def _bench(draw):
-  return Case("128x28x28x32-w2", lambda rng, dtype: (draw(rng, (128, 28, 28, 32), dtype),),
-              dict(window=2))
+  return tuple(Case(f"{'x'.join(map(str, s))}-w2", lambda rng, dtype, s=s: (draw(rng, s, dtype),),
+                    dict(window=2)) for s in ((128, 28, 28, 32), (128, 14, 14, 64)))
 
 
 SPECS = [
