@@ -13,11 +13,13 @@ def test_bench_reports_ratios_for_an_op_and_linear_throughput():
     assert bench.main(["--sections", "ops,linear", "--op", "relu", "--op", "max_pool2d",
                        "--steps", "1", "--rounds", "1", "--warmup", "1", "--json"]) == 0
   report = json.loads(out.getvalue())
-  assert [r["op"] for r in report["ops"]] == ["relu", "max_pool2d"]
+  assert [(r["op"], r["size"]) for r in report["ops"]] == [
+      ("relu", "128x28x28x32"), ("relu", "128x14x14x64"),
+      ("max_pool2d", "128x28x28x32-w2"), ("max_pool2d", "128x14x14x64-w2")]
   for row in report["ops"]:
     assert row["manual_ms"] > 0 and row["autodiff_ms"] > 0
     assert row["time_ratio"] == row["manual_ms"] / row["autodiff_ms"]
-  relu, pool = report["ops"]
+  relu, _, pool, _ = report["ops"]
   # relu saves a 1-byte mask where autodiff keeps more; max-pool's program differs from autodiff's.
   assert relu["manual_saved"] == 128 * 28 * 28 * 32
   assert relu["manual_saved"] < relu["autodiff_saved"]
