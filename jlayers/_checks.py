@@ -14,6 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def is_int(v) -> bool:
+  """A Python or NumPy integer, and not a bool."""
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def positive_int(op: str, name: str, value) -> int:
+  """``value`` as an int, which must be >= 1."""
+  if not is_int(value):
+    raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+  if value < 1:
+    raise ValueError(f"{op}: {name} must be positive, got {value}")
+  return int(value)
+
+
 def as_array(op: str, name: str, x) -> jax.Array:
   """Converts ``x`` to an array, rejecting objects that are not array-like."""
   if isinstance(x, (jax.Array, np.ndarray, np.generic)):
@@ -68,7 +82,7 @@ def shape(op: str, name: str, x: jax.Array, expected: tuple[int, ...], what: str
 
 def axis_index(op: str, name: str, axis, ndim: int) -> int:
   """Normalises an integer axis into ``[0, ndim)``, raising on a bad type or value."""
-  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+  if not is_int(axis):
     raise TypeError(f"{op}: {name} must be an int, got {type(axis).__name__}")
   if not -ndim <= axis < ndim:
     raise ValueError(f"{op}: {name}={axis} is out of range for an input of rank {ndim}")
@@ -77,12 +91,11 @@ def axis_index(op: str, name: str, axis, ndim: int) -> int:
 
 def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:
   """Normalises an int or a length-``n`` sequence of ints, each of which must be >= 1."""
-  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+  if is_int(value):
     value = (int(value),) * n
   elif isinstance(value, Sequence) and not isinstance(value, str):
     value = tuple(value)
-    if len(value) != n or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+    if len(value) != n or not all(map(is_int, value)):
       raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {value!r}")
     value = tuple(int(v) for v in value)
   else:
@@ -95,10 +108,6 @@ def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:
 _PADDING_FORMS = "'SAME', 'VALID', an int or ((lo_h, hi_h), (lo_w, hi_w)) of ints"
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def padding(op: str, value):
   """Validates a 2-D padding without looking at sizes.
 
@@ -109,11 +118,11 @@ def padding(op: str, value):
     if value in ("SAME", "VALID"):
       return value
     raise ValueError(f"{op}: padding must be {_PADDING_FORMS}, got {value!r}")
-  if _is_int(value):
+  if is_int(value):
     pads = ((int(value),) * 2,) * 2
   elif (isinstance(value, Sequence) and len(value) == 2 and all(
       isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2
-      and all(map(_is_int, p)) for p in value)):
+      and all(map(is_int, p)) for p in value)):
     pads = tuple((int(lo), int(hi)) for lo, hi in value)
   else:
     raise TypeError(f"{op}: padding must be {_PADDING_FORMS}, got {value!r}")

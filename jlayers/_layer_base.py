@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers import _impl
+from jlayers import _checks, _impl
 
 Params = dict[str, Any]
 State = dict[str, Any]
@@ -70,7 +70,7 @@ def shape_of(where: str, input_shape, *, rank: int | None = None,
              min_rank: int | None = None) -> tuple[int, ...]:
   """Normalises ``input_shape`` to a tuple of non-negative ints, checking its rank."""
   if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not all(
-      isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in input_shape):
+      _checks.is_int(n) for n in input_shape):
     raise TypeError(f"{where}: input_shape must be a sequence of ints (batch dimension "
                     f"included), got {input_shape!r}")
   shape = tuple(int(n) for n in input_shape)
@@ -81,15 +81,6 @@ def shape_of(where: str, input_shape, *, rank: int | None = None,
   if min_rank is not None and len(shape) < min_rank:
     raise ValueError(f"{where}: input_shape must have rank at least {min_rank}, got {shape}")
   return shape
-
-
-def positive_int(where: str, name: str, value) -> int:
-  """``value`` as an int, which must be >= 1."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-  if value < 1:
-    raise ValueError(f"{where}: {name} must be positive, got {value}")
-  return int(value)
 
 
 def real(where: str, name: str, value, lo: float, hi: float, *, lo_open: bool = False,

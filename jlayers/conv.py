@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jlayers import _checks
@@ -40,11 +39,7 @@ def _validate(x, w, b, stride, padding, dilation, groups, layout):
   _checks.rank(_OP, "w", w, 4, _W_NAMES[layout])
   stride = _checks.positive_ints(_OP, "stride", stride, 2)
   dilation = _checks.positive_ints(_OP, "dilation", dilation, 2)
-  if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
-    raise TypeError(f"{_OP}: groups must be an int, got {type(groups).__name__}")
-  if groups < 1:
-    raise ValueError(f"{_OP}: groups must be positive, got {groups}")
-  groups = int(groups)
+  groups = _checks.positive_int(_OP, "groups", groups)
   c_in = x.shape[-1] if layout == "NHWC" else x.shape[1]
   w_in, c_out = (w.shape[2], w.shape[3]) if layout == "NHWC" else (w.shape[1], w.shape[0])
   if c_in % groups or c_out % groups:

@@ -59,7 +59,7 @@ class Linear(Layer):
   bias_init: Initializer = initializers.zeros
 
   def __post_init__(self):
-    base.positive_int("Linear", "features", self.features)
+    _checks.positive_int("Linear", "features", self.features)
     base.flag("Linear", "use_bias", self.use_bias)
     base.initializer("Linear", "kernel_init", self.kernel_init)
     base.initializer("Linear", "bias_init", self.bias_init)
@@ -102,11 +102,11 @@ class Conv2d(Layer):
   bias_init: Initializer = initializers.zeros
 
   def __post_init__(self):
-    base.positive_int("Conv2d", "features", self.features)
+    _checks.positive_int("Conv2d", "features", self.features)
     for name in ("kernel_size", "stride", "dilation"):
       base.set_field(self, name, _checks.positive_ints("Conv2d", name, getattr(self, name), 2))
     base.set_field(self, "padding", _checks.padding("Conv2d", self.padding))
-    base.positive_int("Conv2d", "groups", self.groups)
+    _checks.positive_int("Conv2d", "groups", self.groups)
     if self.features % self.groups:
       raise ValueError(f"Conv2d: groups={self.groups} must divide features={self.features}")
     base.flag("Conv2d", "use_bias", self.use_bias)
