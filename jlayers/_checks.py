@@ -144,6 +144,16 @@ def explicit_padding(op: str, value, size, window, stride) -> tuple[tuple[int, i
   return pads
 
 
+def axis_name(op: str, value):
+  """``None`` or a hashable name of a mapped axis (it is static configuration)."""
+  try:
+    hash(value)
+  except TypeError:
+    raise TypeError(f"{op}: axis_name must be None or a hashable axis name, "
+                    f"got {value!r}") from None
+  return value
+
+
 def layout(op: str, value) -> str:
   """Validates a 2-D spatial layout name."""
   if value not in ("NHWC", "NCHW"):

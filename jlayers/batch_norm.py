@@ -20,12 +20,7 @@ def _config(op, x, axis, eps, axis_name, **vectors):
     raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
   if not eps > 0:
     raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
-  if axis_name is not None:
-    try:
-      hash(axis_name)
-    except TypeError:
-      raise TypeError(f"{op}: axis_name must be hashable (a mapped axis name), "
-                      f"got {type(axis_name).__name__}") from None
+  _checks.axis_name(op, axis_name)
   out = {}
   for name, v in vectors.items():
     v = _checks.floating(op, name, v)

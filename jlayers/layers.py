@@ -171,13 +171,9 @@ class BatchNorm(Layer):
     base.set_field(self, "momentum", base.real("BatchNorm", "momentum", self.momentum, 0.0, 1.0))
     base.set_field(self, "eps", base.real("BatchNorm", "eps", self.eps, 0.0, float("inf"),
                                           lo_open=True, hi_open=True))
-    if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+    if not _checks.is_int(self.axis):
       raise TypeError(f"BatchNorm: axis must be an int, got {type(self.axis).__name__}")
-    try:
-      hash(self.axis_name)
-    except TypeError:
-      raise TypeError(f"BatchNorm: axis_name must be None or a hashable axis name, "
-                      f"got {self.axis_name!r}") from None
+    _checks.axis_name("BatchNorm", self.axis_name)
     base.initializer("BatchNorm", "scale_init", self.scale_init)
     base.initializer("BatchNorm", "offset_init", self.offset_init)
 
@@ -225,7 +221,7 @@ class Dropout(Layer):
     base.set_field(self, "rate", base.real("Dropout", "rate", self.rate, 0.0, 1.0, hi_open=True))
     dims = self.broadcast_dims
     if not isinstance(dims, Sequence) or isinstance(dims, str) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        map(_checks.is_int, dims)):
       raise TypeError(f"Dropout: broadcast_dims must be a sequence of ints, got {dims!r}")
     base.set_field(self, "broadcast_dims", tuple(dims))
 
