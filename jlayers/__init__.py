@@ -7,6 +7,7 @@ signature in :mod:`jlayers.reference`; the test suite proves the two agree. Laye
 """
 
 from jlayers import reference
+from jlayers._platform import formulation
 from jlayers.activation import relu
 from jlayers.batch_norm import batch_norm, batch_norm_inference
 from jlayers.conv import conv2d
@@ -33,6 +34,8 @@ __all__ = [
     "softmax_cross_entropy",
     # autodiff twins
     "reference",
+    # per-platform formulations
+    "formulation",
     # layers and models
     "AvgPool2d",
     "BatchNorm",

@@ -166,3 +166,28 @@ def at_least_float32(dtype) -> jnp.dtype:
   else float32 (for bfloat16 and float16). Independent of the dtype-promotion mode."""
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+_PRECISION_NAMES = ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32",
+                    "fastest")
+
+
+def precision(op: str, value):
+  """``None``, a :class:`jax.lax.Precision`, one of its string names, or a pair of those (lhs,
+  rhs), as ``jax.lax.dot_general`` takes; returned in a hashable form for ``nondiff_argnums``."""
+  def one(v):
+    if isinstance(v, jax.lax.Precision):
+      return v
+    if isinstance(v, str) and v.lower() in _PRECISION_NAMES:
+      return jax.lax.Precision(v.lower())
+    raise TypeError(f"{op}: precision must be None, a jax.lax.Precision, one of "
+                    f"{_PRECISION_NAMES} or a pair of those, got {value!r}")
+
+  if value is None:
+    return None
+  if isinstance(value, (tuple, list)):
+    if len(value) != 2:
+      raise TypeError(f"{op}: precision must be None, a jax.lax.Precision, one of "
+                      f"{_PRECISION_NAMES} or a pair of those, got {value!r}")
+    return (one(value[0]), one(value[1]))
+  return one(value)

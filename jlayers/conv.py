@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from jlayers import _checks
+from jlayers import _checks, _platform, _sharding
 
 _OP = "conv2d"
 # (x, w, y) dimension numbers of the forward, and where the spatial axes of x and w sit.
@@ -28,10 +29,11 @@ class _Config(NamedTuple):
   dilation: tuple[int, int]
   groups: int
   layout: str
-  bias: bool
+  bias: Any  # the bias dtype, None without a bias
+  precision: Any = None
 
 
-def _validate(x, w, b, stride, padding, dilation, groups, layout):
+def _validate(x, w, b, stride, padding, dilation, groups, layout, precision):
   x = _checks.floating(_OP, "x", x)
   w = _checks.floating(_OP, "w", w)
   layout = _checks.layout(_OP, layout)
@@ -52,18 +54,19 @@ def _validate(x, w, b, stride, padding, dilation, groups, layout):
   if b is not None:
     b = _checks.floating(_OP, "b", b)
     _checks.shape(_OP, "b", b, (c_out,), "(out,)")
-  _checks.same_dtype(_OP, x=x, w=w, b=b)
   size = tuple(x.shape[a] for a in _X_SPATIAL[layout])
   k_eff = tuple((w.shape[a] - 1) * d + 1 for a, d in zip(_W_SPATIAL[layout], dilation))
   pads = _checks.explicit_padding(_OP, padding, size, k_eff, stride)
   if any(n + lo + hi < k for n, (lo, hi), k in zip(size, pads, k_eff)):
     raise ValueError(f"{_OP}: the dilated kernel {k_eff} is larger than the padded input "
                      f"{tuple(n + lo + hi for n, (lo, hi) in zip(size, pads))}")
-  return x, w, b, _Config(stride, pads, dilation, groups, layout, b is not None)
+  return x, w, b, _Config(stride, pads, dilation, groups, layout,
+                          None if b is None else b.dtype,
+                          _checks.precision(_OP, precision))
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1, padding="SAME",
-           dilation=1, groups=1, layout: str = "NHWC") -> jax.Array:
+           dilation=1, groups=1, layout: str = "NHWC", precision=None) -> jax.Array:
   r"""2-D cross-correlation (the deep-learning "convolution"), with a manual VJP.
 
   With ``x`` zero-padded to :math:`\bar x`, stride :math:`s`, dilation :math:`d`, ``groups``
@@ -77,14 +80,20 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1, 
   Args:
     x: float[N, H, W, C] (``layout="NHWC"``) or float[N, C, H, W] (``"NCHW"``).
     w: float[KH, KW, C/groups, O] (HWIO, with NHWC) or float[O, C/groups, KH, KW] (OIHW, with
-      NCHW), same dtype as ``x``.
-    b: optional float[O], same dtype as ``x``.
+      NCHW), any float dtype.
+    b: optional float[O], any float dtype.
     stride: int or (int, int), positive.
     padding: ``"SAME"``, ``"VALID"`` (as in :func:`jax.lax.conv_general_dilated`), an int
       (both sides of both spatial dims), or ``((lo_h, hi_h), (lo_w, hi_w))``, non-negative.
     dilation: int or (int, int), positive (kernel, "atrous", dilation).
     groups: positive int dividing C and O; ``groups == C`` is a depthwise convolution.
     layout: ``"NHWC"`` or ``"NCHW"``.
+    precision: ``None``, a :class:`jax.lax.Precision` (or its name) or a pair of them, for
+      every convolution and product of the forward and backward passes.
+
+  The computation runs in ``x``'s dtype: ``w`` and ``b`` may have another float dtype and are
+  cast to it; products accumulate in at least float32, the bias is added before the one
+  rounding to ``x``'s dtype, and each gradient comes back in its own input's dtype.
 
   Returns:
     float[N, H', W', O] (or float[N, O, H', W']) in the dtype of ``x``, with
@@ -95,18 +104,20 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1, 
     >>> jlayers.conv2d(jnp.ones((2, 5, 5, 4)), jnp.ones((3, 3, 4, 6)), stride=2).shape
     (2, 3, 3, 6)
   """
-  x, w, b, config = _validate(x, w, b, stride, padding, dilation, groups, layout)
+  x, w, b, config = _validate(x, w, b, stride, padding, dilation, groups, layout, precision)
   return _conv2d(config, x, w, b)
 
 
 def _forward(config: _Config, x, w, b):
-  y = lax.conv_general_dilated(x, w, config.stride, config.padding,
+  acc = _checks.at_least_float32(x.dtype)
+  y = lax.conv_general_dilated(x, w.astype(x.dtype), config.stride, config.padding,
                                rhs_dilation=config.dilation,
                                dimension_numbers=_DNUMS[config.layout],
-                               feature_group_count=config.groups)
-  if b is None:
-    return y
-  return y + b.reshape((1, 1, 1, -1) if config.layout == "NHWC" else (1, -1, 1, 1))
+                               feature_group_count=config.groups, precision=config.precision,
+                               preferred_element_type=acc)
+  if b is not None:
+    y = y + b.astype(acc).reshape((1, 1, 1, -1) if config.layout == "NHWC" else (1, -1, 1, 1))
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -176,18 +187,30 @@ def _conv2d_bwd(config, res, g):
   length :math:`H - K + 1 + 2(K-1) = H + K - 1` of the notes), and dW is the valid
   correlation :math:`\sum_n X_{n,c} \star ∂L/∂Y_{n,f}`.
 
-  **Evaluation of dW.** XLA:CPU runs the dW convolution above badly: it is canonicalised with
+  **Evaluation of dW.** On GPU and TPU (any platform but CPU) dW is the convolution above,
+  XLA's native backward-filter convolution. XLA:CPU runs it badly: it is canonicalised with
   transposed copies of x and :math:`G` (temporaries as large as both) into a convolution with
   an :math:`H' \times W'` kernel and a :math:`KH \times KW` output, which runs about 4x slower
   than the forward of the same FLOPs (batch 128, 28x28, 32 to 64 channels: ~110 ms against
-  ~25 ms), and batch-grouped ones far slower still. So dW is evaluated from the second form
-  directly, as the product :math:`P^T G` of the patches :math:`P_{(n,i,j),(p,q,c)} =
+  ~25 ms), and batch-grouped ones far slower still. So on CPU dW is evaluated from the second
+  form directly, as the product :math:`P^T G` of the patches :math:`P_{(n,i,j),(p,q,c)} =
   \bar x_{n,\, s i + d p,\, s j + d q,\, c}` with the cotangent (batched over groups),
-  accumulated in a loop over chunks of the batch whose patches fit in cache (``_chunk``). The
+  accumulated in a loop over chunks of the batch whose patches fit in cache (``_chunk``); the
+  batch is padded with zero images (which add nothing) to a whole number of chunks. The
   convolution remains only for an image whose patches exceed both that budget and all of x.
-  """
+  :func:`jax.lax.platform_dependent` picks the formulation when lowering (see
+  :func:`jlayers.formulation`).
+
+  **On a mesh.** dX is a convolution of each device's slice of :math:`G` with the (replicated)
+  kernel: local. dW sums over the batch: where the batch is split over devices, the loop keeps
+  a separate accumulator per slice (the slice index is a batch dimension of the products, so
+  each device contracts its own images) and adds the weight-sized accumulators at the end;
+  the native convolution is told to lay its result out as ``w`` and does the same.
+    """
   x, w = res
-  stride, pads, dilation, groups, layout, has_bias = config
+  stride, pads, dilation, groups, layout, bias_dtype, precision = config
+  acc = _checks.at_least_float32(x.dtype)
+  g = g.astype(x.dtype)
   xs, ws = _X_SPATIAL[layout], _W_SPATIAL[layout]
   size = [x.shape[a] for a in xs]
   kernel = [w.shape[a] for a in ws]
@@ -195,21 +218,26 @@ def _conv2d_bwd(config, res, g):
   out_dil = [(g.shape[a] - 1) * s + 1 for a, s in zip(xs, stride)]
   lo_x = [k - 1 - lo for k, (lo, _) in zip(k_eff, pads)]
   dx_pads = [(lo, n + k - 1 - od - lo) for lo, n, k, od in zip(lo_x, size, k_eff, out_dil)]
-  dx = lax.conv_general_dilated(g, _swap_groups(w, groups, layout), (1, 1), dx_pads,
-                                lhs_dilation=stride, rhs_dilation=dilation,
-                                dimension_numbers=_DNUMS[layout], feature_group_count=groups)
+  dx = lax.conv_general_dilated(g, _swap_groups(w.astype(x.dtype), groups, layout), (1, 1),
+                                dx_pads, lhs_dilation=stride, rhs_dilation=dilation,
+                                dimension_numbers=_DNUMS[layout], feature_group_count=groups,
+                                precision=precision, preferred_element_type=acc)
   dw_pads = [(lo, k + od - 1 - n - lo) for (lo, _), n, k, od in zip(pads, size, k_eff, out_dil)]
+  native = functools.partial(_dw_conv, pads=dw_pads, config=config, out_sharding=_sharding.like(w))
   channels = x.shape[3 if layout == "NHWC" else 1]
   patch_bytes = (kernel[0] * kernel[1] * channels * g.shape[xs[0]] * g.shape[xs[1]]
                  * x.dtype.itemsize)  # H'·W'·KH·KW·C per image
-  chunk = _chunk(x.shape[0], patch_bytes, x.size * x.dtype.itemsize)
+  parts = _sharding.split_axis(x, 0)[0]
+  chunk = _chunk(x.shape[0] // parts, patch_bytes, x.size * x.dtype.itemsize)
   if chunk:
-    dw = _dw_patches(x, g, kernel, dw_pads, chunk, config)
+    cpu = functools.partial(_dw_patches, kernel=kernel, pads=dw_pads, chunk=chunk, config=config)
+    dw = _platform.by_platform(x, g, cpu=cpu, native=native)
   else:
-    dw = _dw_conv(x, g, dw_pads, config)
+    dw = native(x, g)
   db = None
-  if has_bias:
-    db = jnp.sum(g, axis=(0, 1, 2) if layout == "NHWC" else (0, 2, 3)).astype(w.dtype)
+  if bias_dtype is not None:
+    db = jnp.sum(g.astype(acc), axis=(0, 1, 2) if layout == "NHWC" else (0, 2, 3))
+    db = db.astype(bias_dtype)
   return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 
@@ -230,11 +258,15 @@ def _swap_groups(w, groups, layout):
   return lax.rev(w, _W_SPATIAL[layout])
 
 
-def _dw_conv(x, g, pads, config):
-  """dW as the convolution of the padded ``x`` with the dilated ``G`` (see the bwd)."""
+def _dw_conv(x, g, pads, config, out_sharding):
+  """dW as the convolution of the padded ``x`` with the dilated ``G`` (see the bwd), laid out
+  as ``w`` (``out_sharding``) where the batch it contracts is split over devices."""
   dnums = ("CHWN", "IHWO", "HWNC") if config.layout == "NHWC" else ("CNHW", "IOHW", "CNHW")
   return lax.conv_general_dilated(x, g, config.dilation, pads, rhs_dilation=config.stride,
-                                  dimension_numbers=dnums, batch_group_count=config.groups)
+                                  dimension_numbers=dnums, batch_group_count=config.groups,
+                                  precision=config.precision,
+                                  preferred_element_type=_checks.at_least_float32(x.dtype),
+                                  out_sharding=out_sharding)
 
 
 # Bytes of patches per step of the dW loop: about half of a 4 MiB L2 cache.
@@ -242,41 +274,83 @@ _PATCH_BYTES = 2 << 20
 
 
 def _chunk(batch: int, per_image: int, x_bytes: int) -> int:
-  """Images per dW step: the largest divisor of ``batch`` whose patches fit the budget; one
-  image when its patches alone exceed it but not the size of ``x`` (the transposed copy the
-  convolution would make); 0 (use the convolution) otherwise."""
+  """Images per dW step: as many as fit the budget, spread evenly over the fewest steps (the
+  batch is then padded to ``steps · chunk``); one image when its patches alone exceed the
+  budget but not the size of ``x`` (the transposed copy the convolution would make); 0 (use
+  the convolution) otherwise, and for an empty batch."""
   most = max(_PATCH_BYTES // max(per_image, 1), int(per_image <= x_bytes))
-  return max((k for k in range(1, min(batch, most) + 1) if batch % k == 0), default=0)
+  if batch == 0 or most == 0:
+    return 0
+  steps = -(-batch // most)
+  return -(-batch // steps)
 
 
 def _dw_patches(x, g, kernel, pads, chunk, config):
-  """dW as ``Σ_chunks Pᵀ G`` with ``P`` the patches of the padded ``x`` (see the bwd)."""
-  stride, _, dilation, groups, layout, _ = config
+  """dW as ``Σ_chunks Pᵀ G`` with ``P`` the patches of the padded ``x`` (see the bwd).
+
+  With the batch split over ``parts`` devices, ``x`` and ``G`` are viewed as
+  ``[steps, parts, chunk, ...]`` (each device's images zero-padded to ``steps · chunk``): the
+  loop runs over the unsplit ``steps`` axis, ``parts`` is a batch dimension of the products,
+  and the ``parts`` weight-sized accumulators are summed once at the end.
+  """
+  stride, _, dilation, groups, layout, _, precision = config
   nchw = layout == "NCHW"
-  n, c, o = x.shape[0], x.shape[1 if nchw else 3], g.shape[1 if nchw else 3]
-  x_shape, g_shape = x.shape, g.shape
+  c, o = x.shape[1 if nchw else 3], g.shape[1 if nchw else 3]
   out = g.shape[2:] if nchw else g.shape[1:3]
   span = [(k - 1) * s + 1 for k, s in zip(out, stride)]
-  acc_dtype = jnp.float32 if x.dtype.itemsize < 4 else x.dtype  # f16/bf16 sum in f32
+  acc_dtype = _checks.at_least_float32(x.dtype)  # f16/bf16 sum in f32
+  parts, names, explicit = _sharding.split_axis(x, 0)
+  lead = (parts,) if parts > 1 else ()
+  nl = len(lead)
+  local = x.shape[0] // parts
+  steps = -(-local // chunk)
 
-  def step(acc, xg):
-    xc, gc = xg[0].reshape(chunk, *x_shape[1:]), xg[1].reshape(chunk, *g_shape[1:])
+  def batches(a):
+    """``[N, ...]`` as the scanned ``[steps, *lead, chunk, ...]`` (``[N, ...]`` for unit
+    chunks on one device: a unit chunk axis would make XLA copy x and G to another layout)."""
+    rest = a.shape[1:]
+    if lead:
+      a = a.reshape(parts, local, *rest,
+                    out_sharding=P(names, *(None,) * (len(rest) + 1)) if explicit else None)
+    if steps * chunk > local:
+      a = lax.pad(a, jnp.zeros((), a.dtype),
+                  [(0, 0, 0)] * nl + [(0, steps * chunk - local, 0)] + [(0, 0, 0)] * len(rest))
+    if chunk == 1 and not lead:
+      return a
+    a = a.reshape(*lead, steps, chunk, *rest)
+    if lead:
+      a = _sharding.constrain(jnp.moveaxis(a, 1, 0), (None, names))
+    return a
+
+  def step(total, xg):
+    xc = xg[0].reshape(*lead, chunk, *x.shape[1:])
+    gc = xg[1].reshape(*lead, chunk, *g.shape[1:])
     if nchw:
-      xc, gc = xc.transpose(0, 2, 3, 1), gc.transpose(0, 2, 3, 1)
-    xc = lax.pad(xc, jnp.zeros((), x.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-    taps = [lax.slice(xc, (0, p * dilation[0], q * dilation[1], 0),
-                      (chunk, p * dilation[0] + span[0], q * dilation[1] + span[1], c),
-                      (1, *stride, 1)) for p in range(kernel[0]) for q in range(kernel[1])]
-    patches = jnp.stack(taps, axis=3).reshape(chunk, *out, len(taps), groups, c // groups)
-    gc = gc.reshape(chunk, *out, groups, o // groups)
-    return acc + lax.dot_general(patches, gc, (((0, 1, 2), (0, 1, 2)), ((4,), (3,))),
-                                 preferred_element_type=acc_dtype), None
+      to_nhwc = (*range(nl), nl, nl + 2, nl + 3, nl + 1)
+      xc, gc = xc.transpose(to_nhwc), gc.transpose(to_nhwc)
+    xc = lax.pad(xc, jnp.zeros((), x.dtype),
+                 [(0, 0, 0)] * (nl + 1) + [(*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
+    taps = [lax.slice(xc, (0,) * (nl + 1) + (p * dilation[0], q * dilation[1], 0),
+                      (*lead, chunk, p * dilation[0] + span[0], q * dilation[1] + span[1], c),
+                      (1,) * (nl + 1) + (*stride, 1))
+            for p in range(kernel[0]) for q in range(kernel[1])]
+    patches = jnp.stack(taps, axis=nl + 3).reshape(*lead, chunk, *out, len(taps), groups,
+                                                   c // groups)
+    gc = gc.reshape(*lead, chunk, *out, groups, o // groups)
+    contract = (nl, nl + 1, nl + 2)
+    dims = ((contract, contract), ((*range(nl), nl + 4), (*range(nl), nl + 3)))
+    return total + lax.dot_general(patches, gc, dims, precision=precision,
+                                   preferred_element_type=acc_dtype), None
 
-  acc = jnp.zeros((groups, kernel[0] * kernel[1], c // groups, o // groups), acc_dtype)
-  if chunk > 1:  # (a unit chunk axis would make XLA copy x and G to another layout)
-    x, g = x.reshape(n // chunk, chunk, *x_shape[1:]), g.reshape(n // chunk, chunk, *g_shape[1:])
-  acc, _ = lax.scan(step, acc, (x, g))
-  dw = acc.transpose(1, 2, 0, 3).reshape(*kernel, c // groups, o)  # HWIO
+  shape = (*lead, groups, kernel[0] * kernel[1], c // groups, o // groups)
+  if lead and explicit:
+    total = jnp.zeros(shape, acc_dtype, out_sharding=P(names))
+  else:
+    total = _sharding.constrain(jnp.zeros(shape, acc_dtype), (names,) if lead else ())
+  total, _ = lax.scan(step, total, (batches(x), batches(g)))
+  if lead:
+    total = jnp.sum(total, axis=0)
+  dw = total.transpose(1, 2, 0, 3).reshape(*kernel, c // groups, o)  # HWIO
   return dw.transpose(3, 2, 0, 1) if nchw else dw
 
 
@@ -284,7 +358,8 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def conv2d_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1,
-                     padding="SAME", dilation=1, groups=1, layout: str = "NHWC") -> jax.Array:
+                     padding="SAME", dilation=1, groups=1, layout: str = "NHWC",
+                     precision=None) -> jax.Array:
   """Autodiff twin of :func:`conv2d`: same signature, checks and forward, no custom rule."""
-  x, w, b, config = _validate(x, w, b, stride, padding, dilation, groups, layout)
+  x, w, b, config = _validate(x, w, b, stride, padding, dilation, groups, layout, precision)
   return _forward(config, x, w, b)

@@ -2,38 +2,59 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from jlayers import _checks
+from jlayers import _checks, _sharding
+
+_OP = "linear"
 
 
-def _validate(x, w, b):
-  x = _checks.floating("linear", "x", x)
-  w = _checks.floating("linear", "w", w)
-  _checks.min_rank("linear", "x", x, 1, "(..., in)")
-  _checks.rank("linear", "w", w, 2, "(in, out)")
+class _Config(NamedTuple):
+  """Static configuration (hashable; goes in ``nondiff_argnums``)."""
+
+  precision: Any
+  bias: Any  # the bias dtype, None without a bias
+
+
+def _validate(x, w, b, precision):
+  x = _checks.floating(_OP, "x", x)
+  w = _checks.floating(_OP, "w", w)
+  _checks.min_rank(_OP, "x", x, 1, "(..., in)")
+  _checks.rank(_OP, "w", w, 2, "(in, out)")
   if x.shape[-1] != w.shape[0]:
     raise ValueError(
-        f"linear: x's last dimension must equal w's first (in features), "
+        f"{_OP}: x's last dimension must equal w's first (in features), "
         f"got x {tuple(x.shape)} and w {tuple(w.shape)}")
   if b is not None:
-    b = _checks.floating("linear", "b", b)
-    _checks.shape("linear", "b", b, (w.shape[1],), "(out,)")
-  _checks.same_dtype("linear", x=x, w=w, b=b)
-  return x, w, b
+    b = _checks.floating(_OP, "b", b)
+    _checks.shape(_OP, "b", b, (w.shape[1],), "(out,)")
+  return x, w, b, _Config(_checks.precision(_OP, precision), None if b is None else b.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
+           precision=None) -> jax.Array:
   r"""Affine map over the last axis, with a manual VJP.
 
   .. math::
     y = x W + b
 
+  The computation runs in ``x``'s dtype: ``w`` and ``b`` may have another float dtype (float32
+  params with bfloat16 activations) and are cast to it; products accumulate in at least
+  float32 and the bias is added before the one rounding to ``x``'s dtype. Each gradient comes
+  back in its own input's dtype.
+
   Args:
     x: float[..., in]. Any number of leading (batch) dimensions, including none.
-    w: float[in, out], same dtype as ``x``.
-    b: optional float[out], same dtype as ``x``.
+    w: float[in, out], any float dtype.
+    b: optional float[out], any float dtype.
+    precision: ``None``, a :class:`jax.lax.Precision` (or its name) or a pair of them, for
+      every matrix product of the forward and backward passes (on GPU, ``None`` lets float32
+      products run in TF32; ``"highest"`` keeps them in float32).
 
   Returns:
     float[..., out] in the dtype of ``x``.
@@ -42,31 +63,37 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     >>> import jax.numpy as jnp, jlayers
     >>> jlayers.linear(jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.zeros(4)).shape
     (2, 4)
+    >>> jlayers.linear(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4))).dtype
+    dtype(bfloat16)
   """
-  x, w, b = _validate(x, w, b)
-  return _linear(x, w, b)
+  x, w, b, config = _validate(x, w, b, precision)
+  return _linear(config, x, w, b)
 
 
-@jax.custom_vjp
-def _linear(x, w, b):
-  return _forward(x, w, b)
+def _forward(config, x, w, b):
+  acc = _checks.at_least_float32(x.dtype)
+  y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                      precision=config.precision, preferred_element_type=acc)
+  if b is not None:
+    y = y + b.astype(acc).reshape((1,) * (y.ndim - 1) + b.shape)
+  return y.astype(x.dtype)
 
 
-def _forward(x, w, b):
-  y = jnp.matmul(x, w)
-  return y if b is None else y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _linear(config, x, w, b):
+  return _forward(config, x, w, b)
 
 
-def _linear_fwd(x, w, b):
+def _linear_fwd(config, x, w, b):
   """Saves ``x`` and ``w``: dW needs x and dX needs w, and both are inputs (no extra memory)."""
-  return _forward(x, w, b), (x, w, b is None)
+  return _forward(config, x, w, b), (x, w)
 
 
-def _linear_bwd(res, g):
+def _linear_bwd(config, res, g):
   r"""Backward of ``y = x W + b`` for cotangent ``G = ∂L/∂y``.
 
-  Flatten the leading dimensions so that ``X`` is ``[M, in]`` and ``G`` is ``[M, out]`` with
-  ``M`` the product of the batch dimensions. Then ``y_{mj} = Σ_i X_{mi} W_{ij} + b_j`` and
+  Index the leading (batch) dimensions of ``x`` and ``G`` by one multi-index ``m``. Then
+  ``y_{mj} = Σ_i X_{mi} W_{ij} + b_j`` and
 
   .. math::
     \frac{∂L}{∂X_{mi}} = Σ_j G_{mj} W_{ij}       \;\Rightarrow\; dX = G W^T
@@ -75,22 +102,30 @@ def _linear_bwd(res, g):
 
     \frac{∂L}{∂b_j}   = Σ_m G_{mj}
 
-  (The seed notes write ``Y = WᵀX`` with examples as columns; this is the same rule for the
-  row-major layout used here.)
+  dW and db contract every batch dimension. On a mesh whose devices each hold a slice of the
+  batch, each device contracts its own slice and the ``[in, out]`` partial sums are added
+  across devices: no batch-sized array moves. The sum is laid out as ``w`` (``out_sharding``
+  where the types carry shardings). Products run in ``x``'s dtype and accumulate in at least
+  float32; each cotangent is cast to its input's dtype (the cast of ``w`` to ``x``'s dtype in
+  the forward transposes to this cast back).
   """
-  x, w, no_bias = res
-  dx = jnp.matmul(g, w.T)
-  x2 = x.reshape(-1, x.shape[-1])
-  g2 = g.reshape(-1, g.shape[-1])
-  dw = jnp.matmul(x2.T, g2)
-  db = None if no_bias else jnp.sum(g2, axis=0)
-  return dx.astype(x.dtype), dw.astype(w.dtype), None if no_bias else db.astype(w.dtype)
+  x, w = res
+  acc = _checks.at_least_float32(x.dtype)
+  g = g.astype(x.dtype)
+  lead = tuple(range(x.ndim - 1))
+  dx = lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())),
+                       precision=config.precision, preferred_element_type=acc)
+  dw = lax.dot_general(x, g, ((lead, lead), ((), ())), precision=config.precision,
+                       preferred_element_type=acc, out_sharding=_sharding.like(w))
+  db = None if config.bias is None else jnp.sum(g.astype(acc), axis=lead).astype(config.bias)
+  return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
-def linear_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def linear_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
+                     precision=None) -> jax.Array:
   """Autodiff twin of :func:`linear`: same signature, checks and forward, no custom rule."""
-  x, w, b = _validate(x, w, b)
-  return _forward(x, w, b)
+  x, w, b, config = _validate(x, w, b, precision)
+  return _forward(config, x, w, b)

@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 from jax._src.ad_checkpoint import saved_residuals
 
+import jlayers
 from jlayers import conv
 from jlayers.conv import conv2d, conv2d_reference
 
@@ -109,7 +110,8 @@ def test_only_x_and_w_are_saved():
   assert all(a.dtype == jnp.float32 for a, _ in res)
 
 
-@pytest.mark.parametrize("path", ["conv", "patches-chunk1", "patches-whole-batch"])
+@pytest.mark.parametrize("path", ["native", "conv-fallback", "patches-chunk1", "patches-chunk2",
+                                  "patches-whole-batch"])
 @pytest.mark.parametrize("kw", [
     dict(stride=2, padding="VALID"),  # stride remainder: the dW high pad is -1
     dict(stride=(2, 1), padding=((1, 0), (0, 2)), dilation=2, groups=2),
@@ -117,18 +119,20 @@ def test_only_x_and_w_are_saved():
     dict(padding=3, groups=2, layout="NCHW"),  # padding wider than the kernel reach
 ], ids=["s2-valid", "s21-asym-d2-g2", "s2-same-d12-dw-nchw", "pad3-g2-nchw"])
 def test_each_dw_evaluation_equals_autodiff(monkeypatch, path, kw):
-  """Both ways of evaluating dW (convolution, patch products in one or several batch chunks)
-  agree with autodiff of the reference; the dispatcher is bypassed to force each one."""
+  """Every way of evaluating dW agrees with autodiff of the reference: XLA's native convolution
+  (what GPUs and TPUs run), the CPU fallback to it, and the patch loop in chunks of one image,
+  of two (3 images padded to 2 chunks) and of the whole batch."""
   nchw = kw.get("layout") == "NCHW"
   groups = kw.get("groups", 1)
-  chunk = {"conv": 0, "patches-chunk1": 1, "patches-whole-batch": 3}[path]
-  evaluation = conv._dw_conv if chunk == 0 else conv._dw_patches
+  chunk = {"native": 3, "conv-fallback": 0, "patches-chunk1": 1, "patches-chunk2": 2,
+           "patches-whole-batch": 3}[path]
+  evaluation = conv._dw_patches if path.startswith("patches") else conv._dw_conv
   used = []
   monkeypatch.setattr(conv, "_chunk", lambda *_: chunk)
   monkeypatch.setattr(conv, evaluation.__name__,
-                      lambda *a: used.append(True) or evaluation(*a))
+                      lambda *a, **k: used.append(k.get("chunk")) or evaluation(*a, **k))
   rng = np.random.default_rng(5)
-  with jax.enable_x64(True):
+  with jax.enable_x64(True), jlayers.formulation("native" if path == "native" else "cpu"):
     x = jnp.asarray(rng.standard_normal((3, 4, 6, 5) if nchw else (3, 6, 5, 4)))
     w_shape = (8, 4 // groups, 3, 2) if nchw else (3, 2, 4 // groups, 8)
     w = jnp.asarray(rng.standard_normal(w_shape))
@@ -136,17 +140,20 @@ def test_each_dw_evaluation_equals_autodiff(monkeypatch, path, kw):
         lambda x, w: conv2d_reference(x, w, **kw), x, w).shape))
     got = jax.vjp(lambda x, w: conv2d(x, w, **kw), x, w)[1](g)
     want = jax.vjp(lambda x, w: conv2d_reference(x, w, **kw), x, w)[1](g)
-  assert used
+  assert used == ([chunk] if path.startswith("patches") else [None])
   for a, r in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("batch, per_image, x_bytes, chunk", [
     (128, 28 * 28 * 9 * 32 * 4, 128 * 28 * 28 * 32 * 4, 2),  # 2 images fill the 2 MiB budget
-    (7, 1 << 20, 7 << 20, 1),  # prime batch: the largest divisor within budget is 1
+    (127, 28 * 28 * 9 * 32 * 4, 127 * 28 * 28 * 32 * 4, 2),  # 64 steps, padded to 128
+    (7, 1 << 20, 7 << 20, 2),  # prime batch: 4 steps of 2, padded to 8
+    (5, 1 << 19, 5 << 19, 3),  # 4 fit, but 2 steps of 3 (padded to 6) beat 4 + 1
     (6, 100, 600, 6),  # tiny: the whole batch in one step
     (16, 4 << 20, 64 << 20, 1),  # one image over budget, still smaller than x
     (1, 4 << 20, 1 << 20, 0),  # one image's patches larger than x: the convolution
+    (0, 100, 0, 0),  # empty batch: the convolution
 ])
 def test_dw_chunk_size(batch, per_image, x_bytes, chunk):
   assert conv._chunk(batch, per_image, x_bytes) == chunk
@@ -160,10 +167,12 @@ BAD = [
                  r"conv2d: w must have rank 4 \(H, W, in/groups, out\)", id="w-rank"),
     pytest.param(np.ones((2, 5, 5, 4), np.int32), _W, None, {}, TypeError,
                  "conv2d: x must have a floating dtype, got int32", id="x-int"),
-    pytest.param(_X, _W.astype(np.float16), None, {}, TypeError,
-                 r"conv2d: w must have the same dtype as x \(float32\), got float16", id="w-dtype"),
-    pytest.param(_X, _W, np.ones(6, np.float16), {}, TypeError,
-                 "conv2d: b must have the same dtype as x", id="b-dtype"),
+    pytest.param(_X, _W.astype(np.int32), None, {}, TypeError,
+                 "conv2d: w must have a floating dtype, got int32", id="w-int"),
+    pytest.param(_X, _W, np.ones(6, np.int8), {}, TypeError,
+                 "conv2d: b must have a floating dtype, got int8", id="b-int"),
+    pytest.param(_X, _W, None, {"precision": "fast"}, TypeError,
+                 "conv2d: precision must be None, a jax.lax.Precision", id="precision"),
     pytest.param(_X, np.ones((3, 3, 3, 6), np.float32), None, {}, ValueError,
                  "conv2d: x has 4 channels but w expects", id="channels"),
     pytest.param(_X, np.ones((3, 3, 2, 6), np.float32), None, {"groups": 3}, ValueError,

@@ -64,8 +64,10 @@ BAD = [
      (jnp.ones((2, 3)), jnp.ones((3, 5)), jnp.ones(4))),
     ("int x", TypeError, "linear: x must have a floating dtype, got int32",
      (jnp.ones((2, 3), jnp.int32), jnp.ones((3, 5)))),
-    ("mixed dtypes", TypeError, r"linear: w must have the same dtype as x \(float32\), got bfloat16",
-     (jnp.ones((2, 3)), jnp.ones((3, 5), jnp.bfloat16))),
+    ("int w", TypeError, "linear: w must have a floating dtype, got int32",
+     (jnp.ones((2, 3)), jnp.ones((3, 5), jnp.int32))),
+    ("int b", TypeError, "linear: b must have a floating dtype, got int32",
+     (jnp.ones((2, 3)), jnp.ones((3, 5)), jnp.ones(5, jnp.int32))),
 ]
 
 

@@ -1,0 +1,70 @@
+"""Sharding facts read while tracing, so that rules stay local on a device mesh.
+
+Under ``jax.set_mesh`` with **explicit** axes every array's type carries its sharding
+(``jax.typeof(x).sharding``), and an operation whose output sharding is ambiguous (a contraction
+over a sharded batch: every weight gradient) must be told it. With **auto** axes the types say
+nothing and GSPMD propagates shardings from the inputs; a rule can still name the axes it wants
+split with a sharding constraint. Outside any mesh (one device) every helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+
+def _mesh_of(x):
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  return sharding, mesh
+
+
+def explicit(x) -> bool:
+  """Whether ``x``'s type carries a sharding over explicit mesh axes (read it with typeof)."""
+  _, mesh = _mesh_of(x)
+  return mesh is not None and not mesh.empty and bool(mesh.explicit_axes)
+
+
+def like(x):
+  """``x``'s sharding, to pass as ``out_sharding=`` for a result laid out as ``x`` (a weight
+  gradient laid out as the weight), or ``None`` where types carry no sharding."""
+  return jax.typeof(x).sharding if explicit(x) else None
+
+
+def _names(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def split_axis(x, axis: int) -> tuple[int, tuple[str, ...], bool]:
+  """How ``x``'s ``axis`` (its batch) is split over devices: ``(parts, mesh axes, explicit)``.
+
+  With explicit axes, the parts and mesh axes are read from the type. With auto axes the type
+  says nothing: the batch is taken to be split over all auto axes of the current mesh when
+  their product divides it (the data-parallel layout; a rule then constrains it so), else not
+  split. Inside ``shard_map`` (manual axes) and without a mesh: ``(1, (), False)``.
+  """
+  sharding, mesh = _mesh_of(x)
+  if mesh is not None and not mesh.empty and mesh.explicit_axes:
+    names = _names(sharding.spec[axis]) if axis < len(sharding.spec) else ()
+    return math.prod(mesh.shape[n] for n in names), names, True
+  context = jax.sharding.get_abstract_mesh()
+  if context.empty or not context.auto_axes:
+    return 1, (), False
+  names = tuple(context.auto_axes)
+  parts = math.prod(context.shape[n] for n in names)
+  if parts <= 1 or x.shape[axis] % parts:
+    return 1, (), False
+  return parts, names, False
+
+
+def constrain(x, spec_entries):
+  """``x`` constrained to ``PartitionSpec(*spec_entries)`` under auto axes (a hint to GSPMD);
+  unchanged where the types carry shardings or no mesh is set."""
+  context = jax.sharding.get_abstract_mesh()
+  if context.empty or not context.auto_axes or explicit(x):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*spec_entries))
