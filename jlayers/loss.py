@@ -190,7 +190,7 @@ def softmax_cross_entropy_reference(logits: jax.Array, labels: jax.Array, *,
   x = logits.astype(_checks.at_least_float32(logits.dtype))
   idx, in_range = _index(labels, x.shape[-1])
   ok = in_range if where is None else in_range | ~where
-  poison = jnp.where(ok, jnp.ones(ok.shape, x.dtype), jnp.full(ok.shape, jnp.nan, x.dtype))
+  poison = jnp.where(ok, jnp.ones_like(ok, x.dtype), jnp.full_like(ok, jnp.nan, x.dtype))
   log_p = jax.nn.log_softmax(x * poison[..., None], axis=-1)
   nll = -jnp.take_along_axis(log_p, idx[..., None], axis=-1)[..., 0]
   if where is None:

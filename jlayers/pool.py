@@ -1,7 +1,14 @@
 """2-D max and average pooling with hand-derived backward passes (any window, stride, padding).
 
-Forwards reduce one strided slice of the input per window offset; backwards put output-shaped
-arrays back with ``lax.pad`` and reshapes: no scatter, no select-and-scatter.
+Two formulations of each rule, chosen by :func:`jax.lax.platform_dependent` when lowering (see
+:func:`jlayers.formulation`):
+
+* **CPU**: forwards reduce one strided slice of the input per window offset; backwards put
+  output-shaped arrays back with ``lax.pad`` and reshapes (no scatter, no select-and-scatter).
+  Max pooling saves one byte per output. Windows of more than ``_MAX_VIEWS`` offsets (global
+  pooling) take the native formulation on CPU too: one slice per offset grows with the window.
+* **native** (GPU, TPU): ``lax.reduce_window`` forwards, and the backwards XLA's vendors tune:
+  select-and-scatter for the maximum, a window sum of the dilated cotangent for the average.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from jlayers import _checks
+from jlayers import _checks, _platform, _sharding
 
 _SPATIAL = {"NHWC": (1, 2), "NCHW": (2, 3)}
 
@@ -29,6 +37,7 @@ class _Config(NamedTuple):
   window: tuple[int, ...]
   strides: tuple[int, ...]
   pads: tuple[tuple[int, int], ...]
+  spatial: tuple[int, int]
   count_include_pad: bool = True
 
   @property
@@ -75,7 +84,7 @@ def _validate(op, x, window, stride, padding, layout, count_include_pad=True):
     return tuple(values[spatial.index(a)] if a in spatial else fill for a in range(4))
 
   return x, _Config(tuple(x.shape), x.dtype, per_axis(window, 1), per_axis(stride, 1),
-                    per_axis(pads, (0, 0)), count_include_pad)
+                    per_axis(pads, (0, 0)), spatial, count_include_pad)
 
 
 def _views(config: _Config, x: jax.Array, fill: float) -> list[jax.Array]:
@@ -117,20 +126,63 @@ def _place_offsets(config: _Config, parts) -> jax.Array:
 
 
 def _place_blocks(config: _Config, blocks: jax.Array) -> jax.Array:
-  r"""Input-shaped array with ``blocks[j_0, o_0, j_1, o_1, ...]`` at :math:`s j + o - lo`.
+  r"""Input-shaped array with ``blocks[..., j_0, o_0, ..., j_1, o_1, ...]`` at :math:`s j + o - lo`.
 
-  Disjoint windows only (one entry per position): ``blocks``, broadcast to ``(m_0, k_0, ...)``,
-  is padded from ``k`` to ``s`` per offset axis, reshaped (``(j, o)`` to ``s j + o``), cropped.
+  Disjoint windows only (one entry per position): ``blocks``, broadcast to the blocked output
+  shape (each spatial axis ``m`` split into ``(m, k)``, see :func:`_blocked`), is padded from
+  ``k`` to ``s`` per offset axis, reshaped (``(j, o)`` to ``s j + o``), cropped. Batch and
+  channel axes are never split or merged, so a batch split over devices stays local.
   """
   zero, out, steps = jnp.zeros((), blocks.dtype), config.out_shape, config.strides
-  blocks = lax.pad(jnp.broadcast_to(blocks, _split(out, config.window)), zero, [
-      p for s, k in zip(steps, config.window) for p in ((0, 0, 0), (0, s - k, 0))])
-  return lax.pad(blocks.reshape(tuple(m * s for m, s in zip(out, steps))), zero, [
+  blocks = jnp.broadcast_to(blocks, _blocked(config, out, config.window))
+  blocks = lax.pad(blocks, zero, [
+      p for a, (s, k) in enumerate(zip(steps, config.window))
+      for p in (((0, 0, 0), (0, s - k, 0)) if a in config.spatial else ((0, 0, 0),))])
+  merged = tuple(m * s for m, s in zip(out, steps))
+  return lax.pad(blocks.reshape(merged, out_sharding=_merged_sharding(config, blocks)), zero, [
       (-lo, n - m * s + lo, 0) for n, m, s, (lo, _) in zip(config.shape, out, steps, config.pads)])
 
 
-def _split(shape, inner) -> tuple[int, ...]:  # block shape (m_0, inner_0, m_1, inner_1, ...)
-  return tuple(v for pair in zip(shape, inner) for v in pair)
+def _merged_sharding(config: _Config, blocks):
+  """Where the types carry shardings: that of ``blocks`` with each spatial pair merged back
+  into one (unsplit) axis, for the reshape that merges them; else ``None``."""
+  if not _sharding.explicit(blocks):
+    return None
+  spec, entries, i = jax.typeof(blocks).sharding.spec, [], 0
+  for a in range(4):
+    entries.append(None if a in config.spatial else (spec[i] if i < len(spec) else None))
+    i += 2 if a in config.spatial else 1
+  return P(*entries)
+
+
+def _blocked(config: _Config, shape, inner) -> tuple[int, ...]:
+  """``shape`` with each spatial axis ``a`` split into ``(shape[a], inner[a])``."""
+  return tuple(v for a, n in enumerate(shape)
+               for v in ((n, inner[a]) if a in config.spatial else (n,)))
+
+
+# Windows with more offsets than this take the native formulation on CPU as well.
+_MAX_VIEWS = 100
+
+
+def _reduce_window(config: _Config, x, init, op):
+  return lax.reduce_window(x, np.array(init, x.dtype), op, config.window, config.strides,
+                           config.pads)
+
+
+def _window_sum_transpose(config: _Config, g):
+  r"""The transpose of the window sum :math:`y_j = \sum_{o<k} \bar x_{s j + o}`, natively.
+
+  :math:`∂L/∂\bar x_i = \sum_{o<k} G^s_{i - o}` with :math:`G^s` the cotangent dilated by the
+  stride (zeros between): a stride-1 window sum over :math:`G^s` padded by :math:`k - 1` below.
+  Cropping :math:`lo` below and :math:`hi` above (the padding) makes the low pad
+  :math:`k - 1 - lo \ge 0` and the high pad :math:`n + lo - (m - 1) s - 1`, which also covers
+  the rows past the last window.
+  """
+  pads = [(k - 1 - lo, n + lo - (m - 1) * s - 1, s - 1) for n, m, k, s, (lo, _) in zip(
+      config.shape, config.out_shape, config.window, config.strides, config.pads)]
+  return lax.reduce_window(lax.pad(g, jnp.zeros((), g.dtype), pads), np.array(0, g.dtype),
+                           lax.add, config.window, (1,) * 4, ((0, 0),) * 4)
 
 
 def max_pool2d(x: jax.Array, window, *, stride=None, padding="VALID",
@@ -165,7 +217,10 @@ def max_pool2d(x: jax.Array, window, *, stride=None, padding="VALID",
            [13., 15.]], dtype=float32)
   """
   x, config = _validate("max_pool2d", x, window, stride, padding, layout)
-  return _max_pool2d(config, x)
+  native = functools.partial(_max_pool2d_native, config)
+  if len(config.offsets) > _MAX_VIEWS:
+    return native(x)
+  return _platform.by_platform(x, cpu=functools.partial(_max_pool2d, config), native=native)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -177,14 +232,14 @@ def _max_pool2d_fwd(config, x):
   r"""Saves :math:`\kappa`, the number of the first arg-max offset of every window, as int8.
 
   The backward must know which element of each window won: :math:`\log_2(k_h k_w)` bits, one
-  byte per OUTPUT element (int32 past 128 offsets); autodiff keeps ``x``, a float per INPUT
-  element. The padded input is built once (XLA fuses this into the backward, where padding
+  byte per OUTPUT element (at most ``_MAX_VIEWS`` < 128 offsets); autodiff keeps ``x``, a
+  float per INPUT element. The padded input is built once (XLA fuses this into the backward, where padding
   per view made it keep every view).
   """
   xp = lax.pad(x, jnp.full((), -jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in config.pads])
   views = _views(config._replace(shape=xp.shape, pads=((0, 0),) * 4), xp, -jnp.inf)
   y = functools.reduce(jnp.maximum, views)
-  kappa = jnp.zeros(config.out_shape, jnp.int8 if len(views) <= 128 else jnp.int32)
+  kappa = jnp.zeros_like(y, jnp.int8)
   for k in range(len(views) - 1, -1, -1):
     kappa = jnp.where(views[k] == y, jnp.full((), k, kappa.dtype), kappa)
   return y, kappa
@@ -209,9 +264,11 @@ def _max_pool2d_bwd(config, kappa, g):
   for disjoint windows. The rule is linear in ``g`` and :math:`\kappa` is piecewise constant
   in ``x``: the derivative in ``x`` is 0 almost everywhere, as autodiff's (second order).
   """
-  zero, size, split = jnp.zeros((), g.dtype), len(config.offsets), _split(g.shape, (1,) * 4)
+  zero, size, split = jnp.zeros((), g.dtype), len(config.offsets), _blocked(config, g.shape,
+                                                                          (1,) * 4)
   if config.disjoint:
-    ks = jnp.asarray(np.arange(size).reshape(_split((1,) * 4, config.window)), kappa.dtype)
+    ks = jnp.asarray(np.arange(size).reshape(_blocked(config, (1,) * 4, config.window)),
+                     kappa.dtype)
     dx = _place_blocks(config, jnp.where(kappa.reshape(split) == ks, g.reshape(split), zero))
   else:
     dx = _place_offsets(config, [jnp.where(kappa == jnp.full((), k, kappa.dtype), g, zero)
@@ -222,12 +279,34 @@ def _max_pool2d_bwd(config, kappa, g):
 _max_pool2d.defvjp(_max_pool2d_fwd, _max_pool2d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _max_pool2d_native(config, x):
+  return _reduce_window(config, x, -np.inf, lax.max)
+
+
+def _max_pool2d_native_fwd(config, x):
+  """Saves ``x`` (an input): select-and-scatter finds each window's first maximum in it."""
+  return _reduce_window(config, x, -np.inf, lax.max), x
+
+
+def _max_pool2d_native_bwd(config, x, g):
+  r"""The same rule as :func:`_max_pool2d_bwd`, :math:`∂L/∂\bar x_i = \sum_j g_j [i = s j +
+  o_{\kappa(j)}]` with :math:`\kappa(j)` the first maximum of window :math:`j`, evaluated by
+  XLA's select-and-scatter: it scans each window of ``x`` in row-major order, keeps the first
+  element that no later one exceeds (``ge``), and adds ``g_j`` there. JAX emits exactly that
+  as the transpose of ``reduce_window`` max, which is what this calls.
+  """
+  return jax.vjp(functools.partial(_reduce_window, config, init=-np.inf, op=lax.max), x)[1](g)
+
+
+_max_pool2d_native.defvjp(_max_pool2d_native_fwd, _max_pool2d_native_bwd)
+
+
 def max_pool2d_reference(x: jax.Array, window, *, stride=None, padding="VALID",
                          layout: str = "NHWC") -> jax.Array:
   """Autodiff twin of :func:`max_pool2d`: a ``lax.reduce_window`` max, no custom rule."""
   x, config = _validate("max_pool2d", x, window, stride, padding, layout)
-  return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, config.window,
-                           config.strides, config.pads)
+  return _reduce_window(config, x, -np.inf, lax.max)
 
 
 def avg_pool2d(x: jax.Array, window, *, stride=None, padding="VALID", layout: str = "NHWC",
@@ -259,7 +338,10 @@ def avg_pool2d(x: jax.Array, window, *, stride=None, padding="VALID", layout: st
            [10.5, 12.5]], dtype=float32)
   """
   x, config = _validate("avg_pool2d", x, window, stride, padding, layout, count_include_pad)
-  return _avg_pool2d(config, x)
+  native = functools.partial(_avg_pool2d_native, config)
+  if len(config.offsets) > _MAX_VIEWS:
+    return native(x)
+  return _platform.by_platform(x, cpu=functools.partial(_avg_pool2d, config), native=native)
 
 
 def _counts(config: _Config) -> np.ndarray:
@@ -306,13 +388,36 @@ def _avg_pool2d_bwd(config, _, g):
   """
   scaled = g / jnp.asarray(_counts(config), g.dtype)
   if config.disjoint:
-    dx = _place_blocks(config, scaled.reshape(_split(g.shape, (1,) * 4)))
+    dx = _place_blocks(config, scaled.reshape(_blocked(config, g.shape, (1,) * 4)))
   else:
     dx = _place_offsets(config, [scaled] * len(config.offsets))
   return (dx.astype(config.dtype),)
 
 
 _avg_pool2d.defvjp(_avg_pool2d_fwd, _avg_pool2d_bwd)
+
+
+def _avg_native_forward(config: _Config, x):
+  return _reduce_window(config, x, 0, lax.add) / jnp.asarray(_counts(config), x.dtype)
+
+
+_avg_pool2d_native = jax.custom_vjp(_avg_native_forward, nondiff_argnums=(0,))
+
+
+def _avg_pool2d_native_fwd(config, x):
+  """Saves nothing, as :func:`_avg_pool2d_fwd`."""
+  return _avg_native_forward(config, x), None
+
+
+def _avg_pool2d_native_bwd(config, _, g):
+  r"""The rule of :func:`_avg_pool2d_bwd`, :math:`∂L/∂\bar x_i = \sum_k \sum_j (g_j / c_j)
+  [i = s j + o_k]`, as one window sum of the dilated :math:`g / c` (:func:`_window_sum_transpose`).
+  """
+  scaled = g / jnp.asarray(_counts(config), g.dtype)
+  return (_window_sum_transpose(config, scaled).astype(config.dtype),)
+
+
+_avg_pool2d_native.defvjp(_avg_pool2d_native_fwd, _avg_pool2d_native_bwd)
 
 
 def avg_pool2d_reference(x: jax.Array, window, *, stride=None, padding="VALID",

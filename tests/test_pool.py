@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import jlayers
 from jax._src.ad_checkpoint import saved_residuals
 
 from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
@@ -152,18 +154,31 @@ def test_views_that_lie_wholly_in_the_padding_match_autodiff(op, ref, extra):
 
 @pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
                                 dict(window=(2, 3), stride=2, layout="NCHW")])
-def test_max_pool_saves_one_int8_array_of_the_output_shape(kw):
+def test_max_pool_saves_one_int8_array_of_the_output_shape_on_cpu_and_x_natively(kw):
   x = jnp.ones((2, 6, 7, 3), jnp.float32)
-  res = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  with jlayers.formulation("cpu"):
+    res = saved_residuals(lambda x: max_pool2d(x, **kw), x)
   out_shape = jax.eval_shape(lambda x: max_pool2d(x, **kw), x).shape
   assert [(r.dtype, r.shape) for r, _ in res] == [(jnp.int8, out_shape)]
+  with jlayers.formulation("native"):
+    (res, why), = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  assert res.shape == x.shape and why.startswith("from the argument")
 
 
+@pytest.mark.parametrize("formulation", ["cpu", "native"])
 @pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
                                 dict(window=3, padding=1, count_include_pad=False)])
-def test_avg_pool_saves_nothing(kw):
+def test_avg_pool_saves_nothing(kw, formulation):
   x = jnp.ones((2, 6, 7, 3), jnp.float32)
-  assert saved_residuals(lambda x: avg_pool2d(x, **kw), x) == []
+  with jlayers.formulation(formulation):
+    assert saved_residuals(lambda x: avg_pool2d(x, **kw), x) == []
+
+
+def test_compiled_program_keeps_only_the_platform_formulation():
+  """Both formulations are traced; lowering for CPU keeps the CPU one alone (its int8 index)."""
+  x = jnp.ones((2, 6, 7, 3), jnp.float32)
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(max_pool2d(x, 2)))).lower(x).compile().as_text()
+  assert "s8[" in hlo and "select-and-scatter" not in hlo
 
 
 # ------------------------------------------------------------------------------ bad arguments
@@ -224,12 +239,13 @@ def test_count_include_pad_must_be_a_bool():
 
 @pytest.mark.parametrize("kw", [dict(window=12, stride=1), dict(window=(12, 11))],
                          ids=["overlapping", "disjoint"])
-def test_large_windows_use_a_wider_index(kw):
-  """More than 128 offsets (12x12, 12x11) no longer fit int8: the index widens, the rule holds."""
+def test_large_windows_take_the_native_formulation(kw):
+  """More than _MAX_VIEWS offsets (12x12, 12x11): reduce_window on every platform, saving x."""
   x = jnp.asarray(np.random.default_rng(2).permutation(2 * 13 * 12).reshape(2, 13, 12, 1),
                   jnp.float32)
-  (res, _), = saved_residuals(lambda x: max_pool2d(x, **kw), x)
-  assert res.dtype == jnp.int32
+  with jlayers.formulation("cpu"):
+    (res, why), = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  assert res.shape == x.shape and why.startswith("from the argument")
   grads = jax.jit(lambda x: (_grad(max_pool2d, x, **kw), _grad(max_pool2d_reference, x, **kw),
                              _grad(avg_pool2d, x, **kw), _grad(avg_pool2d_reference, x, **kw)))
   g_max, g_max_ref, g_avg, g_avg_ref = grads(x)
