@@ -4,7 +4,8 @@ of layer configuration.
 A layer is a frozen dataclass holding static configuration only. Its arrays live outside it:
 
 * ``init(key, input_shape, *, dtype=float32) -> (params, state)`` creates them for an input of
-  ``input_shape`` (batch dimension included);
+  ``input_shape`` (batch dimension included) and dtype ``dtype``; a layer with params creates
+  them in its ``param_dtype`` (float32 by default, as in Flax);
 * ``apply(params, state, x, *, key=None, train=False, impl="manual") -> (y, state)`` is a pure
   function of them and returns the (possibly updated) state instead of mutating anything.
 
@@ -108,6 +109,38 @@ def initializer(where: str, name: str, value):
     raise TypeError(f"{where}: {name} must be an initializer (key, shape, dtype) -> array, "
                     f"got {type(value).__name__}")
   return value
+
+
+def dtype_field(where: str, name: str, value, *, optional: bool):
+  """``value`` as a floating ``jnp.dtype`` (``None`` allowed when ``optional``)."""
+  if value is None and optional:
+    return None
+  try:
+    dtype = None if value is None else jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    allowed = "None or a float dtype" if optional else "a float dtype"
+    raise TypeError(f"{where}: {name} must be {allowed}, got {value!r}")
+  return dtype
+
+
+def check_dtypes(layer) -> None:
+  """Validates and normalises the ``dtype`` and ``param_dtype`` fields of ``layer``."""
+  where = type(layer).__name__
+  set_field(layer, "dtype", dtype_field(where, "dtype", layer.dtype, optional=True))
+  set_field(layer, "param_dtype",
+            dtype_field(where, "param_dtype", layer.param_dtype, optional=False))
+
+
+def compute_dtype(layer, x):
+  """``x`` cast to ``layer.dtype`` (the computation dtype), or as it is when that is None.
+
+  The cast is an ordinary ``jnp`` op outside the custom rules: autodiff transposes it, so the
+  gradient of ``x`` comes back in ``x``'s own dtype.
+  """
+  x = _checks.floating(type(layer).__name__, "x", x)
+  return x if layer.dtype is None else x.astype(layer.dtype)
 
 
 def set_field(obj, name: str, value) -> None:

@@ -48,18 +48,26 @@ class Linear(Layer):
   """Fully connected layer ``y = x @ kernel + bias`` over the last axis.
 
   Params: ``{"kernel": float[in, features], "bias": float[features]}`` (no ``"bias"`` when
-  ``use_bias=False``); no state. ``in`` is ``input_shape[-1]``.
+  ``use_bias=False``) in ``param_dtype``; no state. ``in`` is ``input_shape[-1]``. With
+  ``dtype`` set, ``x`` is cast to it and the product runs in it (the params are cast inside
+  :func:`jlayers.linear`, their gradients come back in ``param_dtype``); ``None`` computes in
+  ``x``'s dtype. ``precision`` goes to :func:`jlayers.linear`.
   """
 
   kind: ClassVar[str] = "linear"
   features: int
   _: dataclasses.KW_ONLY
   use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = initializers.zeros
 
   def __post_init__(self):
     _checks.positive_int("Linear", "features", self.features)
+    base.check_dtypes(self)
+    base.set_field(self, "precision", _checks.precision("Linear", self.precision))
     base.flag("Linear", "use_bias", self.use_bias)
     base.initializer("Linear", "kernel_init", self.kernel_init)
     base.initializer("Linear", "bias_init", self.bias_init)
@@ -67,14 +75,16 @@ class Linear(Layer):
   def init(self, key, input_shape, *, dtype=jnp.float32):
     shape = base.shape_of("Linear", input_shape, min_rank=1)
     k_key, b_key = jax.random.split(key)
-    params = {"kernel": self.kernel_init(k_key, (shape[-1], self.features), dtype)}
+    params = {"kernel": self.kernel_init(k_key, (shape[-1], self.features), self.param_dtype)}
     if self.use_bias:
-      params["bias"] = self.bias_init(b_key, (self.features,), dtype)
+      params["bias"] = self.bias_init(b_key, (self.features,), self.param_dtype)
     return params, {}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("Linear", train, impl)
-    return _impl.op("linear", impl)(x, params["kernel"], params.get("bias")), state
+    y = _impl.op("linear", impl)(base.compute_dtype(self, x), params["kernel"],
+                                 params.get("bias"), precision=self.precision)
+    return y, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +95,8 @@ class Conv2d(Layer):
   Params: ``{"kernel": float[kh, kw, in/groups, features] (HWIO) for NHWC or
   float[features, in/groups, kh, kw] (OIHW) for NCHW, "bias": float[features]}``; no state.
   ``kernel_init`` is always called with the HWIO shape (so that its fan-in is
-  ``kh·kw·in/groups``) and the result is transposed for NCHW.
+  ``kh·kw·in/groups``) and the result is transposed for NCHW. Params are in ``param_dtype``;
+  ``dtype`` and ``precision`` work as for :class:`Linear`.
   """
 
   kind: ClassVar[str] = "conv2d"
@@ -98,11 +109,16 @@ class Conv2d(Layer):
   groups: int = 1
   use_bias: bool = True
   layout: str = "NHWC"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
   kernel_init: Initializer = default_kernel_init
   bias_init: Initializer = initializers.zeros
 
   def __post_init__(self):
     _checks.positive_int("Conv2d", "features", self.features)
+    base.check_dtypes(self)
+    base.set_field(self, "precision", _checks.precision("Conv2d", self.precision))
     for name in ("kernel_size", "stride", "dilation"):
       base.set_field(self, name, _checks.positive_ints("Conv2d", name, getattr(self, name), 2))
     base.set_field(self, "padding", _checks.padding("Conv2d", self.padding))
@@ -122,19 +138,20 @@ class Conv2d(Layer):
                        f"({channels}) of input_shape {shape} ({self.layout})")
     k_key, b_key = jax.random.split(key)
     kernel = self.kernel_init(
-        k_key, (*self.kernel_size, channels // self.groups, self.features), dtype)
+        k_key, (*self.kernel_size, channels // self.groups, self.features), self.param_dtype)
     if self.layout == "NCHW":
       kernel = jnp.transpose(kernel, (3, 2, 0, 1))
     params = {"kernel": kernel}
     if self.use_bias:
-      params["bias"] = self.bias_init(b_key, (self.features,), dtype)
+      params["bias"] = self.bias_init(b_key, (self.features,), self.param_dtype)
     return params, {}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("Conv2d", train, impl)
     y = _impl.op("conv2d", impl)(
-        x, params["kernel"], params.get("bias"), stride=self.stride, padding=self.padding,
-        dilation=self.dilation, groups=self.groups, layout=self.layout)
+        base.compute_dtype(self, x), params["kernel"], params.get("bias"), stride=self.stride,
+        padding=self.padding, dilation=self.dilation, groups=self.groups, layout=self.layout,
+        precision=self.precision)
     return y, state
 
 
@@ -153,9 +170,12 @@ class BatchNorm(Layer):
   and ``σ²_B`` the biased batch variance. The update is under ``stop_gradient``. With
   ``train=False`` the running statistics normalise ``x`` and the state is returned unchanged.
 
-  Params: ``{"scale": float[C], "offset": float[C]}``. State: ``{"mean": float[C],
-  "var": float[C]}`` starting at 0 and 1, in float32 for 16-bit inputs. ``axis_name``
-  averages the batch statistics over a mapped axis (``jax.pmap``/``shard_map``).
+  Params: ``{"scale": float[C], "offset": float[C]}`` in ``param_dtype``. State:
+  ``{"mean": float[C], "var": float[C]}`` starting at 0 and 1, in ``param_dtype`` or float32
+  if that is narrower. With ``dtype`` set, ``x`` is cast to it (statistics are computed in at
+  least float32 either way). ``axis_name`` averages the batch statistics over a mapped axis
+  (``jax.pmap``/``shard_map``); under a ``jit`` whose batch is sharded over a device mesh the
+  plain statistics already cover the global batch.
   """
 
   kind: ClassVar[str] = "batch_norm"
@@ -164,10 +184,13 @@ class BatchNorm(Layer):
   eps: float = 1e-5
   axis: int = -1
   axis_name: Any = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
   scale_init: Initializer = initializers.ones
   offset_init: Initializer = initializers.zeros
 
   def __post_init__(self):
+    base.check_dtypes(self)
     base.set_field(self, "momentum", base.real("BatchNorm", "momentum", self.momentum, 0.0, 1.0))
     base.set_field(self, "eps", base.real("BatchNorm", "eps", self.eps, 0.0, float("inf"),
                                           lo_open=True, hi_open=True))
@@ -181,13 +204,14 @@ class BatchNorm(Layer):
     shape = base.shape_of("BatchNorm", input_shape, min_rank=1)
     channels = shape[_checks.axis_index("BatchNorm", "axis", self.axis, len(shape))]
     s_key, o_key = jax.random.split(key)
-    params = {"scale": self.scale_init(s_key, (channels,), dtype),
-              "offset": self.offset_init(o_key, (channels,), dtype)}
-    stats = _checks.at_least_float32(dtype)
+    params = {"scale": self.scale_init(s_key, (channels,), self.param_dtype),
+              "offset": self.offset_init(o_key, (channels,), self.param_dtype)}
+    stats = _checks.at_least_float32(self.param_dtype)
     return params, {"mean": jnp.zeros((channels,), stats), "var": jnp.ones((channels,), stats)}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("BatchNorm", train, impl)
+    x = base.compute_dtype(self, x)
     if not train:
       y = _impl.op("batch_norm_inference", impl)(
           x, params["scale"], params["offset"], state["mean"], state["var"], axis=self.axis,

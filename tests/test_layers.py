@@ -76,17 +76,57 @@ def test_initializers_are_overridable():
   np.testing.assert_array_equal(params["offset"], np.ones(3))
 
 
-def test_init_dtype():
-  params, _ = L.Conv2d(2, 3).init(KEY, (1, 4, 4, 1), dtype=jnp.bfloat16)
+def test_param_dtype_and_half_precision_input():
+  params, _ = L.Conv2d(2, 3, param_dtype=jnp.bfloat16).init(KEY, (1, 4, 4, 1))
   assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
-  bn = L.BatchNorm()
+  bn = L.BatchNorm(param_dtype=jnp.bfloat16)
   params, state = bn.init(KEY, (2, 3), dtype=jnp.bfloat16)
+  assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   assert {a.dtype for a in jax.tree_util.tree_leaves(state)} == {jnp.dtype(jnp.float32)}
   x = _normal(7, (2, 3)).astype(jnp.bfloat16)
   y, state = bn.apply(params, state, x, train=True)
   assert y.dtype == jnp.bfloat16
   assert {a.dtype for a in jax.tree_util.tree_leaves(state)} == {jnp.dtype(jnp.float32)}
   assert bn.apply(params, state, x)[0].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (L.Linear(3, dtype=jnp.bfloat16), (4, 5)),
+    (L.Conv2d(3, 3, dtype=jnp.bfloat16), (2, 5, 5, 2)),
+    (L.BatchNorm(dtype=jnp.bfloat16), (4, 5)),
+], ids=["linear", "conv2d", "batch_norm"])
+def test_dtype_computes_in_bfloat16_with_float32_params(layer, shape):
+  """Flax's mixed precision: params stay float32 (``param_dtype``), the layer computes in
+  ``dtype``, and each gradient comes back in its own input's dtype."""
+  params, state = layer.init(KEY, shape)
+  assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
+  x = _normal(3, shape)
+
+  def loss(params, x):
+    y, _ = layer.apply(params, state, x, train=True)
+    assert y.dtype == jnp.bfloat16
+    return jnp.sum(jnp.sin(3 * y.astype(jnp.float32)))
+
+  g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+  assert g_x.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree_util.tree_leaves(g_params)} == {jnp.dtype(jnp.float32)}
+  full = type(layer)(**{**{f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)},
+                        "dtype": None})
+  g_full = jax.grad(lambda p, x: jnp.sum(jnp.sin(3 * full.apply(p, state, x, train=True)[0])),
+                    argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves((g_params, g_x)), jax.tree_util.tree_leaves(g_full)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=0.05 * float(jnp.max(jnp.abs(b))))
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("dtype", jnp.int32, "Linear: dtype must be None or a float dtype, got"),
+    ("param_dtype", None, "Linear: param_dtype must be a float dtype, got None"),
+    ("param_dtype", "int8", "Linear: param_dtype must be a float dtype, got .int8."),
+    ("precision", "fastest-ever", "Linear: precision must be None, a jax.lax.Precision"),
+])
+def test_dtype_and_precision_fields_are_validated(field, value, error):
+  with pytest.raises(TypeError, match=error):
+    L.Linear(3, **{field: value})
 
 
 @pytest.mark.parametrize("layer, in_shape, out_shape", [

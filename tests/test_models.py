@@ -214,7 +214,8 @@ def test_train_steps_closing_over_impl_keep_their_own_rule(monkeypatch):
 def _cnn_grad_differences():
   model = _cnn()
   with jax.enable_x64(True):
-    params, state = model.init(KEY, IN_SHAPE, dtype=jnp.float64)
+    params, state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                           model.init(KEY, IN_SHAPE, dtype=jnp.float64))
     x, labels = _batch(jnp.float64)
     return grad_differences(functools.partial(_loss, model), params, state, x, labels, KEY)
 
