@@ -17,6 +17,16 @@ Run from the repository root (needs scikit-learn: ``pip install -e '.[examples]'
     python examples/train_digits.py --impl autodiff    # the same model through autodiff
     python examples/train_digits.py --epochs 20 --batch-size 64 --lr 3e-3 --seed 1
     python examples/train_digits.py --min-accuracy 0.97   # exit status 1 below 97 %
+    python examples/train_digits.py --dtype bfloat16   # bfloat16 compute, float32 params
+
+Data-parallel over a device mesh: params and state replicated, each batch split over the
+``batch`` axis of an N-device mesh (``jax.make_mesh``, explicit axes). On a CPU, ask XLA for
+N host devices before JAX starts::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/train_digits.py --devices 8
+
+On several hosts, run the same command on every host after ``jax.distributed.initialize()``
+(``--distributed``): the mesh then spans the devices of all hosts.
 """
 
 from __future__ import annotations
@@ -30,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_reference
@@ -51,12 +64,52 @@ def load_data(seed: int = 0, test_fraction: float = 0.2):
   return x_train, y_train, x_test, y_test
 
 
-def build_model(dropout: float = 0.3) -> Sequential:
-  """The CNN. Convolutions feeding batch norm have no bias: the norm's offset replaces it."""
+def build_model(dropout: float = 0.3, dtype=None) -> Sequential:
+  """The CNN. Convolutions feeding batch norm have no bias: the norm's offset replaces it.
+
+  ``dtype`` (e.g. ``jnp.bfloat16``) is the computation dtype of the layers with params; the
+  params themselves stay float32 (``param_dtype``), and the loss is computed in float32.
+  """
   def block(features):
-    return [Conv2d(features, 3, padding="SAME", use_bias=False), BatchNorm(), ReLU(),
-            MaxPool2d(2)]
-  return Sequential([*block(32), *block(64), Flatten(), Dropout(dropout), Linear(10)])
+    return [Conv2d(features, 3, padding="SAME", use_bias=False, dtype=dtype),
+            BatchNorm(dtype=dtype), ReLU(), MaxPool2d(2)]
+  return Sequential([*block(32), *block(64), Flatten(), Dropout(dropout),
+                     Linear(10, dtype=dtype)])
+
+
+class DataParallel:
+  """Placement on an N-device mesh with one ``batch`` axis: :meth:`replicate` for params,
+  state and optimizer state, :meth:`split` for a batch (its leading axis over the devices).
+  ``devices=None`` places nothing (one device, no mesh)."""
+
+  def __init__(self, devices: int | None):
+    self.mesh = None
+    if devices is not None:
+      if devices > jax.device_count():
+        raise ValueError(
+            f"--devices {devices}: only {jax.device_count()} {jax.default_backend()} device(s) "
+            "are visible; on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{devices} before starting Python")
+      self.mesh = jax.make_mesh((devices,), ("batch",))
+
+  @property
+  def devices(self) -> int:
+    return 1 if self.mesh is None else self.mesh.size
+
+  def replicate(self, tree):
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+  def split(self, tree):
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, NamedSharding(self.mesh, P("batch")))
+
+  def context(self):
+    """``jax.set_mesh`` of the mesh (the sharding-in-types context), or nothing."""
+    import contextlib  # noqa: PLC0415
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
 
 def loss_fn(model, params, state, x, y, key, *, impl, train=True):
@@ -93,8 +146,16 @@ def make_eval(model, impl):
   return correct
 
 
-def accuracy(correct_fn, params, state, x, y) -> float:
-  return int(correct_fn(params, state, x, y)) / len(y)
+def accuracy(correct_fn, params, state, x, y, placement=None) -> float:
+  """Fraction of ``y`` predicted right. With a mesh, the examples are padded to a multiple of
+  the device count with label -1 (never predicted) and split over the devices."""
+  n = len(y)
+  if placement is not None and placement.devices > 1:
+    pad = -n % placement.devices
+    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    y = np.concatenate([y, np.full(pad, -1, y.dtype)])
+    x, y = placement.split((x, y))
+  return int(correct_fn(params, state, x, y)) / n
 
 
 def gradient_check(model, params, state, x, y, key) -> float:
@@ -110,10 +171,12 @@ def gradient_check(model, params, state, x, y, key) -> float:
 
 
 def train(*, epochs=15, batch_size=32, seed=0, impl="manual", lr=3e-3, subset=None,
-          check_grads=True, log=print):
+          check_grads=True, devices=None, dtype=None, log=print):
   """Trains and evaluates; returns a dict of the final numbers.
 
-  ``subset`` keeps only the first ``subset`` training examples (for quick smoke runs).
+  ``subset`` keeps only the first ``subset`` training examples (for quick smoke runs);
+  ``devices`` trains data-parallel on a mesh of that many devices; ``dtype`` is the layers'
+  computation dtype (params stay float32).
   """
   start = time.perf_counter()
   x_train, y_train, x_test, y_test = load_data(seed)
@@ -121,10 +184,15 @@ def train(*, epochs=15, batch_size=32, seed=0, impl="manual", lr=3e-3, subset=No
     x_train, y_train = x_train[:subset], y_train[:subset]
   if batch_size > len(x_train):
     raise ValueError(f"batch size {batch_size} exceeds the {len(x_train)} training examples")
+  placement = DataParallel(devices)
+  if batch_size % placement.devices:
+    raise ValueError(f"batch size {batch_size} must be a multiple of --devices "
+                     f"{placement.devices}")
   log(f"digits: {len(x_train)} train, {len(x_test)} test, impl={impl}, "
-      f"backend={jax.default_backend()}")
+      f"backend={jax.default_backend()}, devices={placement.devices}, "
+      f"dtype={jnp.dtype(dtype or jnp.float32).name}")
 
-  model = build_model()
+  model = build_model(dtype=dtype)
   key = jax.random.key(seed)
   params, state = model.init(jax.random.fold_in(key, 0), (batch_size, *x_train.shape[1:]))
   optimizer = optax.adam(lr)
@@ -135,7 +203,7 @@ def train(*, epochs=15, batch_size=32, seed=0, impl="manual", lr=3e-3, subset=No
   grad_error = None
   if check_grads:
     t = time.perf_counter()
-    grad_error = gradient_check(model, params, state, x_train[:batch_size],
+    grad_error = gradient_check(build_model(), params, state, x_train[:batch_size],
                                 y_train[:batch_size], jax.random.fold_in(key, 1))
     log(f"gradient check (float64, one batch): worst relative difference manual vs autodiff "
         f"{grad_error:.2e}  ({time.perf_counter() - t:.1f} s)")
@@ -143,21 +211,23 @@ def train(*, epochs=15, batch_size=32, seed=0, impl="manual", lr=3e-3, subset=No
   rng = np.random.default_rng(seed)
   steps_per_epoch = len(x_train) // batch_size  # the remainder is reshuffled in next epoch
   train_acc = test_acc = float("nan")
-  for epoch in range(1, epochs + 1):
-    t = time.perf_counter()
-    order = rng.permutation(len(x_train))
-    losses = []
-    for i in range(steps_per_epoch):
-      idx = order[i * batch_size:(i + 1) * batch_size]
-      params, state, opt_state, loss = step(
-          params, state, opt_state, (x_train[idx], y_train[idx]),
-          jax.random.fold_in(key, epoch * steps_per_epoch + i + 2))
-      losses.append(loss)
-    mean_loss = float(jnp.mean(jnp.stack(losses)))
-    train_acc = accuracy(correct, params, state, x_train, y_train)
-    test_acc = accuracy(correct, params, state, x_test, y_test)
-    log(f"epoch {epoch:3d}  loss {mean_loss:.4f}  train acc {100 * train_acc:6.2f}%  "
-        f"test acc {100 * test_acc:6.2f}%  {time.perf_counter() - t:5.2f} s")
+  params, state, opt_state = placement.replicate((params, state, opt_state))
+  with placement.context():
+    for epoch in range(1, epochs + 1):
+      t = time.perf_counter()
+      order = rng.permutation(len(x_train))
+      losses = []
+      for i in range(steps_per_epoch):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        params, state, opt_state, loss = step(
+            params, state, opt_state, placement.split((x_train[idx], y_train[idx])),
+            jax.random.fold_in(key, epoch * steps_per_epoch + i + 2))
+        losses.append(loss)
+      mean_loss = float(jnp.mean(jnp.stack([jnp.asarray(v, jnp.float32) for v in losses])))
+      train_acc = accuracy(correct, params, state, x_train, y_train, placement)
+      test_acc = accuracy(correct, params, state, x_test, y_test, placement)
+      log(f"epoch {epoch:3d}  loss {mean_loss:.4f}  train acc {100 * train_acc:6.2f}%  "
+          f"test acc {100 * test_acc:6.2f}%  {time.perf_counter() - t:5.2f} s")
 
   wall = time.perf_counter() - start
   log(f"held-out test accuracy: {100 * test_acc:.2f}%  ({len(y_test)} images)")
@@ -179,12 +249,24 @@ def main(argv=None) -> int:
                       help="train on only the first SUBSET training images (quick smoke runs)")
   parser.add_argument("--no-grad-check", dest="check_grads", action="store_false",
                       help="skip the float64 manual-vs-autodiff gradient comparison")
+  parser.add_argument("--devices", type=int, default=None,
+                      help="train data-parallel on a mesh of this many devices")
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first (one process per host)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                      help="computation dtype of the layers (params stay float32)")
   args = parser.parse_args(argv)
   if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0 or (
       args.subset is not None and args.subset < 1):
     parser.error("--epochs, --batch-size and --subset must be positive, --lr > 0")
+  if args.devices is not None and args.devices < 1:
+    parser.error("--devices must be positive")
+  if args.distributed:
+    jax.distributed.initialize()
+  dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
   result = train(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, impl=args.impl,
-                 lr=args.lr, subset=args.subset, check_grads=args.check_grads)
+                 lr=args.lr, subset=args.subset, check_grads=args.check_grads,
+                 devices=args.devices, dtype=dtype)
   if args.min_accuracy is not None and result["test_accuracy"] < args.min_accuracy:
     print(f"test accuracy {result['test_accuracy']:.4f} is below --min-accuracy "
           f"{args.min_accuracy}", file=sys.stderr)

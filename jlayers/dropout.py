@@ -56,7 +56,8 @@ def _apply(forward, x, key, rate, broadcast_dims):
   if isinstance(rate, numbers.Real) and rate == 0:
     return x
   mask_shape = tuple(1 if i in dims else n for i, n in enumerate(x.shape))
-  keep = jax.random.bernoulli(key, 1.0 - rate_arr, mask_shape,
+  # Drawn in float32 whatever x's dtype: one key gives one mask in every precision.
+  keep = jax.random.bernoulli(key, (1.0 - rate_arr).astype(jnp.float32), mask_shape,
                               out_sharding=_mask_sharding(x, dims))
   return forward(x, keep, rate_arr)
 

@@ -290,11 +290,17 @@ def _max_pool2d_native_fwd(config, x):
 
 
 def _max_pool2d_native_bwd(config, x, g):
-  r"""The same rule as :func:`_max_pool2d_bwd`, :math:`∂L/∂\bar x_i = \sum_j g_j [i = s j +
-  o_{\kappa(j)}]` with :math:`\kappa(j)` the first maximum of window :math:`j`, evaluated by
-  XLA's select-and-scatter: it scans each window of ``x`` in row-major order, keeps the first
-  element that no later one exceeds (``ge``), and adds ``g_j`` there. JAX emits exactly that
-  as the transpose of ``reduce_window`` max, which is what this calls.
+  r"""The rule of :func:`_max_pool2d_bwd`, evaluated by XLA's select-and-scatter.
+
+  With :math:`\kappa(j)` the first maximum of window :math:`j` (row-major offsets):
+
+  .. math::
+    \frac{∂L}{∂\bar x_i} = \sum_j g_j \, [\, i = s j + o_{\kappa(j)} \,]
+
+  Select-and-scatter scans each window of ``x`` in row-major order, keeps the first element
+  that no later one exceeds (``ge``) and adds :math:`g_j` there: exactly this sum, the same
+  tie convention. JAX emits it as the transpose of ``reduce_window`` max, which is what this
+  calls; the padding (:math:`-\infty`) never wins.
   """
   return jax.vjp(functools.partial(_reduce_window, config, init=-np.inf, op=lax.max), x)[1](g)
 
@@ -410,8 +416,14 @@ def _avg_pool2d_native_fwd(config, x):
 
 
 def _avg_pool2d_native_bwd(config, _, g):
-  r"""The rule of :func:`_avg_pool2d_bwd`, :math:`∂L/∂\bar x_i = \sum_k \sum_j (g_j / c_j)
-  [i = s j + o_k]`, as one window sum of the dilated :math:`g / c` (:func:`_window_sum_transpose`).
+  r"""The rule of :func:`_avg_pool2d_bwd`,
+
+  .. math::
+    \frac{∂L}{∂\bar x_i} = \sum_k \sum_j \frac{g_j}{c_j} \, [\, i = s j + o_k \,]
+      = \sum_{o < k} \Big(\frac{g}{c}\Big)^s_{i - o}
+
+  evaluated as one stride-1 window sum of :math:`g / c` dilated by the stride
+  (:func:`_window_sum_transpose`).
   """
   scaled = g / jnp.asarray(_counts(config), g.dtype)
   return (_window_sum_transpose(config, scaled).astype(config.dtype),)

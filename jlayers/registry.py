@@ -26,12 +26,15 @@ class Case:
     make: ``make(rng, dtype) -> args``, the positional arguments; float arrays in ``dtype``.
     kwargs: the keyword-only (static) configuration.
     diff: positions in ``args`` of the differentiable arguments.
+    batched: positions in ``args`` whose axis 0 is the batch (split over a device mesh by the
+      mesh tests; the other arguments are replicated).
   """
 
   id: str
   make: MakeArgs
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   diff: tuple[int, ...] = (0,)
+  batched: tuple[int, ...] = (0,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,11 @@ class OpSpec:
     representative: ids of the cases the costlier generic checks run on (second order, jit,
       vmap, dtypes); default the first case. Choose ones that exercise the real rule.
     bench: realistic-size cases for ``python -m jlayers.bench`` (none: not benchmarked).
+    mesh: cases whose batch (``MESH_BATCH``) is split over an 8-device mesh by the mesh tests.
+    platform_dependent: the rule has a CPU and a native formulation (see
+      :func:`jlayers.formulation`); the tests run both.
+    half_precision: the bound on the relative error of bfloat16 and float16 outputs and
+      gradients against float64, in units of the format's epsilon (``jnp.finfo(dtype).eps``).
   """
 
   name: str
@@ -54,6 +62,9 @@ class OpSpec:
   cases: tuple[Case, ...]
   representative: tuple[str, ...] = ()
   bench: tuple[Case, ...] = ()
+  mesh: tuple[Case, ...] = ()
+  platform_dependent: bool = False
+  half_precision: float = 2.0
 
   def case(self, case_id: str) -> Case:
     for c in self.cases:
@@ -66,6 +77,11 @@ class OpSpec:
     if not self.representative:
       return self.cases[:1]
     return tuple(self.case(i) for i in self.representative)
+
+
+MESH_BATCH = 24
+"""The global batch of the mesh cases: 3 examples per device on 8 devices, and no other
+dimension of a mesh case has this size (so a gathered batch is recognisable in compiled HLO)."""
 
 
 def normal(rng: np.random.Generator, shape, dtype, scale: float = 1.0):

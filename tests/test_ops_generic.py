@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jlayers
 from jlayers import _verify
 from jlayers.registry import OPS
 
-ALL_CASES = [pytest.param(spec, case, id=f"{spec.name}-{case.id}")
-             for spec in OPS.values() for case in spec.cases]
+ALL_CASES = [pytest.param(spec, case, form, id=f"{spec.name}-{case.id}-{form}")
+             for spec in OPS.values() for case in spec.cases
+             for form in (("cpu", "native") if spec.platform_dependent else ("auto",))]
 REPRESENTATIVE = [pytest.param(spec, case, id=f"{spec.name}-{case.id}")
                   for spec in OPS.values() for case in spec.representative_cases]
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -18,9 +20,11 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 F64_RTOL = 1e-10
 
 
-@pytest.mark.parametrize("spec, case", ALL_CASES)
-def test_manual_vjp_equals_reference_vjp_float64(spec, case):
-  with jax.enable_x64(True):
+@pytest.mark.parametrize("spec, case, form", ALL_CASES)
+def test_manual_vjp_equals_reference_vjp_float64(spec, case, form):
+  """Every case of every grid; both formulations of the platform-dependent rules (the CPU one
+  and the native one that GPUs and TPUs run), forced here on the CPU."""
+  with jax.enable_x64(True), jlayers.formulation(form):
     result = _verify.compare(spec, case, jnp.float64, jit=True)
   assert result.out[1] <= F64_RTOL, f"forward differs: {result.out}"
   for argnum, (abs_err, rel) in result.grads.items():
@@ -96,3 +100,34 @@ def test_output_and_grad_dtypes_equal_input_dtypes(spec, case, dtype):
       _check_dtypes(spec, case, jnp.float64)
   else:
     _check_dtypes(spec, case, jnp.dtype(dtype))
+
+
+HALF = ("bfloat16", "float16")
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("spec, case", REPRESENTATIVE)
+def test_half_precision_accuracy_against_float64(spec, case, dtype):
+  """bfloat16 and float16 outputs and gradients of the manual rule are within
+  ``spec.half_precision`` epsilons of the format (normwise, relative to the largest entry) of
+  the float64 twin evaluated on the same, exactly representable, inputs and cotangents: only
+  the rounding inside the op is measured, not that of its inputs."""
+  half = jnp.dtype(dtype)
+  bound = spec.half_precision * float(jnp.finfo(half).eps)
+  rng = np.random.default_rng(6)
+  args = case.make(rng, half)
+  primals = tuple(args[i] for i in case.diff)
+  out_shape = jax.eval_shape(_verify.restrict(spec.manual, case, args), *primals)
+  cot = _verify.random_like(rng, out_shape)
+  out, grads = _grads(spec.manual, case, args, cot)
+  with jax.enable_x64(True):
+    wide = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    args64 = wide(args)
+    out64, grads64 = _grads(spec.reference, case, args64, wide(cot))
+    errors = {"output": _verify.rel_err(jax.tree_util.tree_leaves(out)[0],
+                                        jax.tree_util.tree_leaves(out64)[0])[1]}
+    errors.update({f"grad of arg {i}": _verify.rel_err(g, g64)[1]
+                   for i, g, g64 in zip(case.diff, grads, grads64)})
+  worst = max(errors.values())
+  assert worst <= bound, (f"{dtype}: {errors} exceed {spec.half_precision} eps = {bound:.2e}")

@@ -1,7 +1,7 @@
 """Grid for ``relu``: shapes of several ranks, values kept off the kink (it has its own test)."""
 
 from jlayers.activation import relu, relu_reference
-from jlayers.registry import Case, OpSpec, away_from_zero
+from jlayers.registry import MESH_BATCH, Case, OpSpec, away_from_zero
 
 
 def _case(shape):
@@ -15,5 +15,6 @@ SPECS = [
         bench=tuple(Case("x".join(map(str, s)),
                          lambda rng, dtype, s=s: (away_from_zero(rng, s, dtype),))
                     for s in ((128, 28, 28, 32), (128, 14, 14, 64))),
+        mesh=(_case((MESH_BATCH, 4, 3)),),
     ),
 ]

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from jlayers.batch_norm import (batch_norm, batch_norm_inference, batch_norm_inference_reference,
                                 batch_norm_reference)
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 # (x shape, feature axis)
 _LAYOUTS = (((6, 3), -1), ((6, 3), 0), ((2, 4, 4, 3), -1), ((2, 3, 4, 5), 1),
@@ -51,6 +51,7 @@ SPECS = [
         representative=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
         bench=tuple(Case("x".join(map(str, s)), _bench(s), diff=(0, 1, 2))
                     for s in _BENCH_SHAPES),
+        mesh=(_train_case((MESH_BATCH, 3, 3, 4), -1, 1e-5), _train_case((MESH_BATCH, 4, 5), 1, 0.1)),
     ),
     OpSpec(
         "batch_norm_inference", batch_norm_inference, batch_norm_inference_reference,
@@ -60,5 +61,6 @@ SPECS = [
                                                        normal(rng, (64,), dtype),
                                                        jnp.ones((64,), dtype)),
                     diff=(0, 1, 2, 3, 4)),),
+        mesh=(_inference_case((MESH_BATCH, 3, 3, 4), -1),),
     ),
 ]

@@ -7,7 +7,7 @@ with a non-square 3×2 kernel. Bias is on for half of the grid, spread over ever
 import itertools
 
 from jlayers.conv import conv2d, conv2d_reference
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 _C = 4
 _STRIDES = (1, 2)
@@ -43,6 +43,29 @@ def _grid():
     yield _case(*values, bias=sum(index) % 2 == 0)
 
 
+def _large(batch, size, layout, groups, stride):
+  """Images large enough that the CPU patch loop runs several chunks of several images (about
+  330 KiB of float32 patches per image against a 2 MiB budget; twice that in float64), with a
+  batch that is no multiple of the chunk."""
+  def make(rng, dtype):
+    x_shape = (batch, size, size, 4) if layout == "NHWC" else (batch, 4, size, size)
+    w_shape = (3, 3, 4 // groups, 6) if layout == "NHWC" else (6, 4 // groups, 3, 3)
+    return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=0.2),
+            normal(rng, (6,), dtype))
+  return Case(f"chunked-{batch}x{size}x{size}-g{groups}-s{stride}-{layout.lower()}", make,
+              dict(stride=stride, groups=groups, layout=layout), diff=(0, 1, 2))
+
+
+def _mesh(layout, groups, stride, size=6):
+  def make(rng, dtype):
+    x_shape = (MESH_BATCH, size, size, 4) if layout == "NHWC" else (MESH_BATCH, 4, size, size)
+    w_shape = (3, 3, 4 // groups, 6) if layout == "NHWC" else (6, 4 // groups, 3, 3)
+    return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=0.5),
+            normal(rng, (6,), dtype))
+  return Case(f"mesh-g{groups}-s{stride}-{layout.lower()}", make,
+              dict(stride=stride, groups=groups, layout=layout), diff=(0, 1, 2))
+
+
 def _bench(size):
   def make(rng, dtype):
     return (normal(rng, (128, size, size, 32), dtype),
@@ -52,9 +75,12 @@ def _bench(size):
 
 SPECS = [
     OpSpec(
-        "conv2d", conv2d, conv2d_reference, tuple(_grid()),
+        "conv2d", conv2d, conv2d_reference,
+        (*_grid(), _large(7, 48, "NHWC", 1, 1), _large(9, 48, "NCHW", 2, 1)),
         representative=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
                         "s2-valid-d1-dw-nchw-even-bias"),
         bench=(_bench(28), _bench(14)),
+        mesh=(_mesh("NHWC", 1, 1), _mesh("NCHW", 2, 2)),
+        platform_dependent=True,
     ),
 ]

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jlayers.dropout import dropout, dropout_reference
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 _SHAPES = ((8,), (3, 5), (2, 4, 4, 3))
 _RATES = (0.0, 0.1, 0.5, 0.9, "array")
@@ -36,5 +36,7 @@ SPECS = [
         bench=tuple(Case(f"{'x'.join(map(str, s))}-p0.5",
                          lambda rng, dtype, s=s: (normal(rng, s, dtype), jax.random.key(0)),
                          {"rate": 0.5}) for s in ((128, 28, 28, 32), (128, 14, 14, 64))),
+        mesh=(_case((MESH_BATCH, 6), 0.5, (), False),
+              _case((MESH_BATCH, 4, 4, 3), "array", (1, 2), True)),
     ),
 ]

@@ -3,7 +3,7 @@
 import itertools
 
 from jlayers.linear import linear, linear_reference
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 
 def _case(lead, n_in, n_out, bias):
@@ -28,5 +28,6 @@ SPECS = [
                                                       normal(rng, (1024, 1024), dtype),
                                                       normal(rng, (1024,), dtype)),
                     diff=(0, 1, 2)),),
+        mesh=(_case((MESH_BATCH,), 5, 3, True), _case((MESH_BATCH, 2), 5, 3, False)),
     ),
 ]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_reference
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 
 def _mask(lead):
@@ -17,13 +17,14 @@ def _mask(lead):
 
 
 def _case(lead, classes, masked):
+  """Logits ``[*lead, classes]`` and int32 labels ``lead``; both batched on axis 0."""
   def make(rng, dtype):
     return (normal(rng, (*lead, classes), dtype),
             jnp.asarray(rng.integers(0, classes, lead), dtype=jnp.int32))
 
   lead_id = "x".join(map(str, lead)) or "vec"
   return Case(f"{lead_id}-c{classes}{'-where' if masked else ''}", make,
-              kwargs={"where": _mask(lead)} if masked else {}, diff=(0,))
+              kwargs={"where": _mask(lead)} if masked else {}, diff=(0,), batched=(0, 1))
 
 
 _GRID = (
@@ -38,5 +39,6 @@ SPECS = [
         bench=(Case("128x10", lambda rng, dtype: (
             normal(rng, (128, 10), dtype),
             jnp.asarray(rng.integers(0, 10, (128,)), dtype=jnp.int32))),),
+        mesh=(_case((MESH_BATCH,), 5, False), _case((MESH_BATCH, 2), 5, False)),
     ),
 ]

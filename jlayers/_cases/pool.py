@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
-from jlayers.registry import Case, OpSpec, normal
+from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
 
 _C = 3
 _WINDOWS = (("w2", 2), ("w3", 3), ("w2x3", (2, 3)))
@@ -31,11 +31,13 @@ def distinct(rng: np.random.Generator, shape, dtype):
   return jnp.asarray(v.reshape(shape), dtype=dtype)
 
 
-def _case(draw, window, stride, padding, size, layout, **extra):
+def _case(draw, window, stride, padding, size, layout, batch=2, **extra):
   (w_id, w), (s_id, s), (p_id, p), (h, wd) = window, stride, padding, size
-  shape = (2, h, wd, _C) if layout == "NHWC" else (2, _C, h, wd)
+  shape = (batch, h, wd, _C) if layout == "NHWC" else (batch, _C, h, wd)
   suffix = "-nopadcount" if extra.get("count_include_pad") is False else ""
   case_id = f"{w_id}-{s_id}-{p_id}-{layout.lower()}-{h}x{wd}{suffix}"
+  if batch != 2:
+    case_id = f"batch{batch}-{case_id}"
   return Case(case_id, lambda rng, dtype: (draw(rng, shape, dtype),),
               dict(window=w, stride=s, padding=p, layout=layout, **extra))
 
@@ -60,6 +62,11 @@ _NO_PAD_COUNT = (  # count_include_pad=False on cases whose windows reach into t
 )
 
 
+def _mesh(draw):
+  return (_case(draw, _WINDOWS[0], _STRIDES[0], _PADDINGS[0], (6, 6), "NHWC", batch=MESH_BATCH),
+          _case(draw, _WINDOWS[1], _STRIDES[1], _PADDINGS[1], (5, 6), "NCHW", batch=MESH_BATCH))
+
+
 def _bench(draw):
   return tuple(Case(f"{'x'.join(map(str, s))}-w2", lambda rng, dtype, s=s: (draw(rng, s, dtype),),
                     dict(window=2)) for s in ((128, 28, 28, 32), (128, 14, 14, 64)))
@@ -70,6 +77,8 @@ SPECS = [
         "max_pool2d", max_pool2d, max_pool2d_reference, tuple(_grid(distinct)),
         representative=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5"),
         bench=_bench(distinct),
+        mesh=_mesh(distinct),
+        platform_dependent=True,
     ),
     OpSpec(
         "avg_pool2d", avg_pool2d, avg_pool2d_reference,
@@ -77,5 +86,7 @@ SPECS = [
          *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT)),
         representative=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5"),
         bench=_bench(normal),
+        mesh=_mesh(normal),
+        platform_dependent=True,
     ),
 ]
