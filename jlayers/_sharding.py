@@ -68,3 +68,20 @@ def constrain(x, spec_entries):
   if context.empty or not context.auto_axes or explicit(x):
     return x
   return jax.lax.with_sharding_constraint(x, P(*spec_entries))
+
+
+def batch_local(fn, batched, replicated=(), *, summed: bool = False):
+  """``fn(*batched, *replicated)`` computed by each device on its own slice of the batch.
+
+  Where the batch (axis 0 of ``batched[0]``) is split over mesh axes (see :func:`split_axis`),
+  ``fn`` runs under ``jax.shard_map`` over those axes: its result is split likewise, or, with
+  ``summed``, added over the devices (a weight-sized sum). Used for operations whose XLA
+  partitioning would gather the batch (grouped convolutions). Elsewhere: ``fn`` as it is.
+  """
+  parts, names, _ = split_axis(batched[0], 0)
+  if parts == 1:
+    return fn(*batched, *replicated)
+  body = (lambda *a: jax.lax.psum(fn(*a), names)) if summed else fn
+  return jax.shard_map(body, in_specs=(P(names),) * len(batched) + (P(),) * len(replicated),
+                       out_specs=P() if summed else P(names), axis_names=set(names))(
+                           *batched, *replicated)

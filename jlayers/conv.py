@@ -120,15 +120,23 @@ def _forward(config: _Config, x, w, b):
   return y.astype(x.dtype)
 
 
+def _local_forward(config: _Config, x, w, b):
+  """:func:`_forward`, per device for grouped convolutions of a batch split over devices
+  (XLA's partitioner gathers the whole batch for ``feature_group_count > 1``)."""
+  if config.groups == 1:
+    return _forward(config, x, w, b)
+  return _sharding.batch_local(functools.partial(_forward, config), (x,), (w, b))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _conv2d(config, x, w, b):
-  return _forward(config, x, w, b)
+  return _local_forward(config, x, w, b)
 
 
 def _conv2d_fwd(config, x, w, b):
   """Saves ``x`` and ``w`` only: dW is linear in ``x`` and dX in ``w``, both are inputs (no
   extra memory), and db needs nothing but the cotangent. The output is not needed."""
-  return _forward(config, x, w, b), (x, w)
+  return _local_forward(config, x, w, b), (x, w)
 
 
 def _conv2d_bwd(config, res, g):
@@ -218,12 +226,15 @@ def _conv2d_bwd(config, res, g):
   out_dil = [(g.shape[a] - 1) * s + 1 for a, s in zip(xs, stride)]
   lo_x = [k - 1 - lo for k, (lo, _) in zip(k_eff, pads)]
   dx_pads = [(lo, n + k - 1 - od - lo) for lo, n, k, od in zip(lo_x, size, k_eff, out_dil)]
-  dx = lax.conv_general_dilated(g, _swap_groups(w.astype(x.dtype), groups, layout), (1, 1),
-                                dx_pads, lhs_dilation=stride, rhs_dilation=dilation,
-                                dimension_numbers=_DNUMS[layout], feature_group_count=groups,
-                                precision=precision, preferred_element_type=acc)
+  dx = functools.partial(lax.conv_general_dilated, window_strides=(1, 1), padding=dx_pads,
+                         lhs_dilation=stride, rhs_dilation=dilation,
+                         dimension_numbers=_DNUMS[layout], feature_group_count=groups,
+                         precision=precision, preferred_element_type=acc)
+  w_dx = _swap_groups(w.astype(x.dtype), groups, layout)
+  dx = dx(g, w_dx) if groups == 1 else _sharding.batch_local(dx, (g,), (w_dx,))
   dw_pads = [(lo, k + od - 1 - n - lo) for (lo, _), n, k, od in zip(pads, size, k_eff, out_dil)]
-  native = functools.partial(_dw_conv, pads=dw_pads, config=config, out_sharding=_sharding.like(w))
+  native = functools.partial(_dw_native, pads=dw_pads, config=config,
+                             out_sharding=_sharding.like(w))
   channels = x.shape[3 if layout == "NHWC" else 1]
   patch_bytes = (kernel[0] * kernel[1] * channels * g.shape[xs[0]] * g.shape[xs[1]]
                  * x.dtype.itemsize)  # H'·W'·KH·KW·C per image
@@ -256,6 +267,15 @@ def _swap_groups(w, groups, layout):
     w = w.reshape(groups, o // groups, cg, kh, kw).transpose(0, 2, 1, 3, 4)
     w = w.reshape(groups * cg, o // groups, kh, kw)
   return lax.rev(w, _W_SPATIAL[layout])
+
+
+def _dw_native(x, g, pads, config, out_sharding):
+  """dW by XLA's convolution (:func:`_dw_conv`); for grouped convolutions of a batch split over
+  devices, per device and summed (XLA's partitioner would gather the batch)."""
+  if config.groups == 1:
+    return _dw_conv(x, g, pads, config, out_sharding)
+  local = functools.partial(_dw_conv, pads=pads, config=config, out_sharding=None)
+  return _sharding.batch_local(local, (x, g), summed=True)
 
 
 def _dw_conv(x, g, pads, config, out_sharding):

@@ -1,10 +1,5 @@
 """Op-specific checks for batch norm: the seed formula's error, edge cases, dtypes, errors."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,70 +119,6 @@ def test_inference_hand_values_and_gradients():
   # dx = γ/σ = 1, dγ = x̂ = 1, dβ = 1, dm = −γ/σ = −1, dv = −γ (x − m)/(2 σ³) = −2·2/16 = −0.25
   np.testing.assert_allclose([dx[0, 0], dg[0], db[0], dm[0], dv[0]], [1, 1, 1, -1, -0.25],
                              rtol=1e-6)
-
-
-SYNC_SCRIPT = textwrap.dedent("""
-    import jax, jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-    import jlayers
-    jax.config.update("jax_enable_x64", True)
-    D = 8
-    mesh = jax.make_mesh((D,), ("d",))
-    x = jax.random.normal(jax.random.key(0), (D * 2, 3), jnp.float64) * 2 + 1
-    w = jax.random.normal(jax.random.key(1), (D * 2, 3), jnp.float64)
-    s, o = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 1.0, 2.0])
-
-    def stats_loss(y, m, v, w, s):  # every device holds the same m, v: count them once
-      return jnp.sum(w * y) + (jnp.sum(m**2) + jnp.sum(v * s)) / D
-
-    def truth(x, s, o):  # single-device batch norm of the whole batch
-      y, m, v = jlayers.reference.batch_norm(x, s, o)
-      return jnp.sum(w * y) + jnp.sum(m**2) + jnp.sum(v * s)
-
-    def modes(fn):
-      def local(x, w, s, o):
-        return stats_loss(*fn(x, s, o, axis_name="d"), w, s)
-      xs, ws = x.reshape(D, 2, 3), w.reshape(D, 2, 3)
-      per_device = lambda g: (g[0].reshape(-1, 3), g[1].sum(0), g[2].sum(0))
-      def sharded(x, s, o):
-        return jax.shard_map(lambda x, w, s, o: jax.lax.psum(local(x, w, s, o), "d"), mesh=mesh,
-                             in_specs=(P("d"), P("d"), P(), P()), out_specs=P())(
-                                 jax.reshard(x, P("d")), jax.reshard(w, P("d")), s, o)
-      with jax.set_mesh(mesh):
-        yield "shard_map", jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(x, s, o)
-      rep = lambda a: jnp.stack([a] * D)
-      yield "pmap(grad)", per_device(jax.pmap(jax.grad(local, argnums=(0, 2, 3)), axis_name="d")(
-          xs, ws, rep(s), rep(o)))
-      g = jax.grad(lambda x, s, o: jax.pmap(local, axis_name="d", in_axes=(0, 0, None, None))(
-          x, ws, s, o).sum(), argnums=(0, 1, 2))(xs, s, o)
-      yield "grad(pmap)", (g[0].reshape(-1, 3), g[1], g[2])
-      yield "vmap(grad)", per_device(jax.vmap(jax.grad(local, argnums=(0, 2, 3)), axis_name="d",
-                                              in_axes=(0, 0, None, None))(xs, ws, s, o))
-      g = jax.grad(lambda x, s, o: jax.vmap(local, axis_name="d", in_axes=(0, 0, None, None))(
-          x, ws, s, o).sum(), argnums=(0, 1, 2))(xs, s, o)
-      yield "grad(vmap)", (g[0].reshape(-1, 3), g[1], g[2])
-
-    want = jax.grad(truth, argnums=(0, 1, 2))(x, s, o)
-    manual_modes = list(modes(jlayers.batch_norm))  # one generator at a time: each sets a mesh
-    for (mode, manual), (_, twin) in zip(manual_modes, list(modes(jlayers.reference.batch_norm))):
-      worst = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                  for got in (manual, twin) for a, b in zip(got, want))
-      print(mode, worst)
-""")
-
-
-def test_synchronised_batch_norm_over_eight_devices():
-  """With ``axis_name``, under shard_map, pmap and vmap and with the gradient taken inside or
-  outside the mapping, the manual rule and its twin both equal the single-device batch norm of
-  the whole batch (a subprocess: the device count is fixed when jax is imported)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SYNC_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=300, check=True).stdout.split("\n")
-  results = dict(line.split() for line in out if line)
-  assert sorted(results) == ["grad(pmap)", "grad(vmap)", "pmap(grad)", "shard_map", "vmap(grad)"]
-  for mode, worst in results.items():
-    assert float(worst) < 1e-12, mode
 
 
 BAD = [

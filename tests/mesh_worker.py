@@ -1,0 +1,223 @@
+"""The multi-device checks, run by ``tests/test_mesh.py`` in one subprocess on 8 CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``: the device count is fixed when JAX
+starts). Prints one JSON object; importing this module runs nothing.
+
+* ``ops``: every registry op's mesh cases, manual rule and twin, forward and backward under
+  ``jit`` with the batch split over an 8-device mesh, for explicit and auto axes (and both
+  formulations of the platform-dependent rules): compiles or not, the relative error against
+  the same function on one device, and the collectives of the compiled program.
+* ``train_step``: one training step of the digits CNN on 8 devices against 1 device.
+* ``sync_batch_norm``: batch norm with ``axis_name`` under shard_map, pmap and vmap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import re
+import sys
+import traceback
+
+DEVICES = 8
+COLLECTIVE = re.compile(r"= (\([^=]*?\)|\S+) (all-gather|all-to-all|all-reduce|reduce-scatter|"
+                        r"collective-permute)(?:-start)?\(")
+
+
+def collectives(hlo: str, batch: int) -> dict:
+  """Counts of the compiled program's collectives; ``batch_sized`` counts the all-gathers and
+  all-to-alls one of whose results has a dimension of the global ``batch`` size."""
+  counts = {"all_gather": 0, "all_to_all": 0, "all_reduce": 0, "batch_sized": 0, "shapes": []}
+  for shapes, kind in COLLECTIVE.findall(hlo):
+    counts[kind.replace("-", "_")] = counts.get(kind.replace("-", "_"), 0) + 1
+    counts["shapes"].append(f"{kind} {shapes}")
+    dims = [int(d) for s in re.findall(r"\[([\d,]*)\]", shapes) for d in s.split(",") if d]
+    if kind in ("all-gather", "all-to-all") and batch in dims:
+      counts["batch_sized"] += 1
+  return counts
+
+
+def rel_err(got, want) -> float:
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  worst = 0.0
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if b.size:
+      worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)))
+  return worst
+
+
+def op_rows() -> list[dict]:
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  import jlayers  # noqa: PLC0415
+  from jlayers import _verify, conv  # noqa: PLC0415
+  from jlayers.registry import MESH_BATCH, OPS  # noqa: PLC0415
+
+  # Two images' patches per step: each device's 3 images run as 2 chunks of 2 (one padding).
+  conv._PATCH_BYTES = 11_000
+  rows = []
+  for spec in OPS.values():
+    for case in spec.mesh:
+      args = case.make(np.random.default_rng(0), jnp.float32)
+      primals = tuple(args[i] for i in case.diff)
+      out_shape = jax.eval_shape(_verify.restrict(spec.reference, case, args), *primals)
+      cot = _verify.random_like(np.random.default_rng(1), out_shape)
+      forms = ("cpu", "native") if spec.platform_dependent else ("auto",)
+      for form in forms:
+        for impl, fn in (("manual", spec.manual), ("twin", spec.reference)):
+
+          def run(args, cot, fn=fn, case=case):
+            out, pullback = jax.vjp(_verify.restrict(fn, case, args),
+                                    *(args[i] for i in case.diff))
+            return out, pullback(cot)
+
+          with jlayers.formulation(form):
+            want = jax.jit(run)(args, cot)
+          for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+            row = {"op": spec.name, "case": case.id, "formulation": form, "impl": impl,
+                   "mode": mode}
+            mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
+
+            def place(a, batched, mesh=mesh):
+              spec_ = P("batch") if batched else P()
+              return jax.device_put(a, NamedSharding(mesh, spec_))
+
+            try:
+              with jax.set_mesh(mesh), jlayers.formulation(form):
+                s_args = tuple(place(a, i in case.batched) for i, a in enumerate(args))
+                s_cot = jax.tree_util.tree_map(
+                    lambda c: place(c, c.ndim > 0 and c.shape[0] == MESH_BATCH), cot)
+                compiled = jax.jit(run).lower(s_args, s_cot).compile()
+                got = compiled(s_args, s_cot)
+              row.update(compiles=True, rel_err=rel_err(got, want),
+                         **collectives(compiled.as_text(), MESH_BATCH))
+            except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
+              row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+  return rows
+
+
+def _example():
+  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+  spec = importlib.util.spec_from_file_location("train_digits", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def train_step(batch: int = 48) -> dict:
+  """One step of the digits example's training loop on one device and on ``DEVICES``, from
+  the same params, state, batch and key: the largest relative difference of params, state and
+  loss per implementation, and the collectives of the 8-device step."""
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  ex = _example()
+  x_train, y_train, _, _ = ex.load_data(0)
+  x, y = x_train[:batch], y_train[:batch]
+  model = ex.build_model()
+  params, state = model.init(jax.random.key(0), x.shape)
+  optimizer = optax.adam(3e-3)
+  opt_state = optimizer.init(params)
+  key = jax.random.key(1)
+  out = {}
+  for impl in ("manual", "autodiff"):
+    one = ex.make_train_step(model, optimizer, impl)(params, state, opt_state, (x, y), key)
+    placement = ex.DataParallel(DEVICES)
+    p, s, o = placement.replicate((params, state, opt_state))
+    data = placement.split((x, y))
+    with placement.context():
+      step = ex.make_train_step(model, optimizer, impl)
+      compiled = step.lower(p, s, o, data, key).compile()
+      many = compiled(p, s, o, data, key)
+    out[impl] = {"params": rel_err(many[0], one[0]), "state": rel_err(many[1], one[1]),
+                 "loss": rel_err(many[3], one[3]), "loss_value": float(one[3]),
+                 **collectives(compiled.as_text(), batch)}
+  return out
+
+
+def sync_batch_norm() -> dict:
+  """Batch norm with ``axis_name`` under shard_map, pmap(grad), grad(pmap), vmap(grad) and
+  grad(vmap), manual and twin, against the single-device batch norm of the whole batch, in
+  float64: the worst relative error per mode."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  import jlayers  # noqa: PLC0415
+
+  d = DEVICES
+  with jax.enable_x64(True):
+    mesh = jax.make_mesh((d,), ("d",))
+    x = jax.random.normal(jax.random.key(0), (d * 2, 3), jnp.float64) * 2 + 1
+    w = jax.random.normal(jax.random.key(1), (d * 2, 3), jnp.float64)
+    s, o = jnp.array([1.0, 2.0, 3.0]), jnp.array([0.0, 1.0, 2.0])
+
+    def stats_loss(y, m, v, w, s):  # every device holds the same m, v: count them once
+      return jnp.sum(w * y) + (jnp.sum(m**2) + jnp.sum(v * s)) / d
+
+    def truth(x, s, o):  # single-device batch norm of the whole batch
+      y, m, v = jlayers.reference.batch_norm(x, s, o)
+      return jnp.sum(w * y) + jnp.sum(m**2) + jnp.sum(v * s)
+
+    def modes(fn):
+      def local(x, w, s, o):
+        return stats_loss(*fn(x, s, o, axis_name="d"), w, s)
+
+      xs, ws = x.reshape(d, 2, 3), w.reshape(d, 2, 3)
+
+      def per_device(g):
+        return g[0].reshape(-1, 3), g[1].sum(0), g[2].sum(0)
+
+      def sharded(x, s, o):
+        return jax.shard_map(lambda x, w, s, o: jax.lax.psum(local(x, w, s, o), "d"), mesh=mesh,
+                             in_specs=(P("d"), P("d"), P(), P()), out_specs=P())(
+                                 jax.reshard(x, P("d")), jax.reshard(w, P("d")), s, o)
+
+      with jax.set_mesh(mesh):
+        yield "shard_map", jax.jit(jax.grad(sharded, argnums=(0, 1, 2)))(x, s, o)
+      rep = lambda a: jnp.stack([a] * d)  # noqa: E731
+      yield "pmap(grad)", per_device(jax.pmap(jax.grad(local, argnums=(0, 2, 3)), axis_name="d")(
+          xs, ws, rep(s), rep(o)))
+      g = jax.grad(lambda x, s, o: jax.pmap(local, axis_name="d", in_axes=(0, 0, None, None))(
+          x, ws, s, o).sum(), argnums=(0, 1, 2))(xs, s, o)
+      yield "grad(pmap)", (g[0].reshape(-1, 3), g[1], g[2])
+      yield "vmap(grad)", per_device(jax.vmap(jax.grad(local, argnums=(0, 2, 3)), axis_name="d",
+                                              in_axes=(0, 0, None, None))(xs, ws, s, o))
+      g = jax.grad(lambda x, s, o: jax.vmap(local, axis_name="d", in_axes=(0, 0, None, None))(
+          x, ws, s, o).sum(), argnums=(0, 1, 2))(xs, s, o)
+      yield "grad(vmap)", (g[0].reshape(-1, 3), g[1], g[2])
+
+    want = jax.grad(truth, argnums=(0, 1, 2))(x, s, o)
+    manual = list(modes(jlayers.batch_norm))  # one generator at a time: each sets a mesh
+    twin = list(modes(jlayers.reference.batch_norm))
+    return {mode: max(rel_err(m, want), rel_err(t, want))
+            for (mode, m), (_, t) in zip(manual, twin)}
+
+
+def main() -> int:
+  import jax  # noqa: PLC0415
+
+  if jax.device_count() < DEVICES:
+    print(f"needs {DEVICES} devices, got {jax.device_count()}", file=sys.stderr)
+    return 2
+  report = {}
+  for name, fn in (("ops", op_rows), ("train_step", train_step),
+                   ("sync_batch_norm", sync_batch_norm)):
+    try:
+      report[name] = fn()
+    except Exception:  # noqa: BLE001  (the test reports the section's traceback)
+      report[name] = {"traceback": traceback.format_exc()}
+  json.dump(report, sys.stdout)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
