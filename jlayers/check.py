@@ -11,6 +11,10 @@ Examples::
   python -m jlayers.check                       # everything, float32 and float64
   python -m jlayers.check --op conv2d --no-x64  # one op, float32 only
   python -m jlayers.check --max-cases 2         # a quick subset
+  python -m jlayers.check --formulation native  # on a CPU, the rules GPUs and TPUs run
+
+The float32 tolerance depends on the platform (``PLATFORM_TOLERANCES``: TF32 products on GPU,
+bfloat16 passes on TPU); float64 is held to 1e-10 everywhere.
 """
 
 from __future__ import annotations
@@ -23,28 +27,46 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jlayers import _verify
+from jlayers import _platform, _verify
 from jlayers.registry import OPS
 
-#: Relative-error tolerance per dtype: ``max|manual − autodiff| / max|autodiff|``.
-TOLERANCES = {"float32": 1e-4, "float64": 1e-10}
+#: Relative-error tolerance per platform and dtype: ``max|manual − autodiff| / max|autodiff|``.
+#: On GPU, float32 products run in TF32 by default (10 mantissa bits, unit roundoff 4.9e-4),
+#: and the manual rule and the twin may pick different algorithms; on TPU, float32 products
+#: take one bfloat16 pass by default (8 bits). Float64 is the proof everywhere.
+PLATFORM_TOLERANCES = {
+    "cpu": {"float32": 1e-4, "float64": 1e-10},
+    "gpu": {"float32": 5e-3, "float64": 1e-10},
+    "tpu": {"float32": 3e-2, "float64": 1e-10},
+}
+
+
+def tolerances(platform: str | None = None) -> dict[str, float]:
+  """The tolerances of ``platform`` (default: JAX's default backend; CPU's if unknown)."""
+  platform = platform or jax.default_backend()
+  return PLATFORM_TOLERANCES.get(platform, PLATFORM_TOLERANCES["cpu"])
+
+
+TOLERANCES = tolerances("cpu")
 
 
 def check_case(spec, case, dtypes, seed=0):
   """Errors of one case in each dtype, as ``{dtype: (abs, rel, passed)}``."""
-  row = {}
+  limits, row = tolerances(), {}
   for name in dtypes:
     if name == "float64":
       with jax.enable_x64(True):
         result = _verify.compare(spec, case, jnp.float64, seed=seed, jit=True)
     else:
       result = _verify.compare(spec, case, jnp.dtype(name), seed=seed, jit=True)
-    row[name] = (result.worst_abs, result.worst_rel, result.worst_rel <= TOLERANCES[name])
+    row[name] = (result.worst_abs, result.worst_rel, result.worst_rel <= limits[name])
   return row
 
 
-def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False):
-  """Checks the selected ops; returns the number of failing cases."""
+def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False,
+        formulation="auto"):
+  """Checks the selected ops (the rules traced in ``formulation``, see
+  :func:`jlayers.formulation`); returns the number of failing cases."""
   unknown = sorted(set(op_names or ()) - set(OPS))
   if unknown:
     raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(OPS)}")
@@ -58,7 +80,8 @@ def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False):
     if op_names and name not in op_names:
       continue
     for case in spec.cases[:max_cases]:
-      errors = check_case(spec, case, dtypes)
+      with _platform.formulation(formulation):
+        errors = check_case(spec, case, dtypes)
       passed = all(p for _, _, p in errors.values())
       failures += not passed
       rows.append({"op": name, "case": case.id, "passed": passed,
@@ -68,8 +91,10 @@ def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False):
         cells = [name, case.id] + [f"{errors[d][i]:.2e}" for d in dtypes for i in (0, 1)]
         print("| " + " | ".join(cells + ["PASS" if passed else "FAIL"]) + " |", file=out,
               flush=True)
+  limits = tolerances()
   summary = {"cases": len(rows), "failed": failures, "seconds": time.perf_counter() - start,
-             "tolerances": {d: TOLERANCES[d] for d in dtypes}}
+             "platform": jax.default_backend(), "formulation": formulation,
+             "tolerances": {d: limits[d] for d in dtypes}}
   for d in dtypes:
     worst = {}
     for r in rows:
@@ -80,8 +105,9 @@ def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False):
     print(file=out)
   else:
     print(f"\n{len(rows)} cases, {len(rows) - failures} passed, {failures} failed "
-          f"in {summary['seconds']:.0f} s; tolerances (max relative error): "
-          + ", ".join(f"{d} {TOLERANCES[d]:g}" for d in dtypes), file=out)
+          f"in {summary['seconds']:.0f} s on {jax.default_backend()} ({formulation} "
+          "formulation); tolerances (max relative error): "
+          + ", ".join(f"{d} {limits[d]:g}" for d in dtypes), file=out)
     for d in dtypes:
       worst = summary[f"worst_{d}_rel"]
       print(f"worst {d} relative error per op: "
@@ -99,8 +125,13 @@ def main(argv=None) -> int:
   parser.add_argument("--max-cases", type=int, default=None, metavar="N",
                       help="only the first N cases of each op's grid")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  parser.add_argument("--formulation", choices=_platform.FORMULATIONS, default="auto",
+                      help="trace the platform-dependent rules in this formulation (default: "
+                           "the one of the platform; 'native' is what GPUs and TPUs run)")
   args = parser.parse_args(argv)
-  return 1 if run(args.op, args.x64, args.max_cases, as_json=args.json) else 0
+  failures = run(args.op, args.x64, args.max_cases, as_json=args.json,
+                 formulation=args.formulation)
+  return 1 if failures else 0
 
 
 if __name__ == "__main__":

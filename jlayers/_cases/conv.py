@@ -43,43 +43,43 @@ def _grid():
     yield _case(*values, bias=sum(index) % 2 == 0)
 
 
-def _large(batch, size, layout, groups, stride):
-  """Images large enough that the CPU patch loop runs several chunks of several images (about
-  330 KiB of float32 patches per image against a 2 MiB budget; twice that in float64), with a
-  batch that is no multiple of the chunk."""
+def _sized(name, batch, size, layout, groups, stride, w_scale):
+  """Batch ``batch`` of ``size``×``size``×4 images, a 3×3 kernel to 6 channels, with bias."""
   def make(rng, dtype):
     x_shape = (batch, size, size, 4) if layout == "NHWC" else (batch, 4, size, size)
     w_shape = (3, 3, 4 // groups, 6) if layout == "NHWC" else (6, 4 // groups, 3, 3)
-    return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=0.2),
+    return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=w_scale),
             normal(rng, (6,), dtype))
-  return Case(f"chunked-{batch}x{size}x{size}-g{groups}-s{stride}-{layout.lower()}", make,
+  return Case(f"{name}-g{groups}-s{stride}-{layout.lower()}", make,
               dict(stride=stride, groups=groups, layout=layout), diff=(0, 1, 2))
 
 
-def _mesh(layout, groups, stride, size=6):
-  def make(rng, dtype):
-    x_shape = (MESH_BATCH, size, size, 4) if layout == "NHWC" else (MESH_BATCH, 4, size, size)
-    w_shape = (3, 3, 4 // groups, 6) if layout == "NHWC" else (6, 4 // groups, 3, 3)
-    return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=0.5),
-            normal(rng, (6,), dtype))
-  return Case(f"mesh-g{groups}-s{stride}-{layout.lower()}", make,
-              dict(stride=stride, groups=groups, layout=layout), diff=(0, 1, 2))
+def _large(batch, layout, groups):
+  """Images large enough that the CPU patch loop runs several chunks of several images (about
+  330 KiB of float32 patches per image against a 2 MiB budget; twice that in float64), with a
+  batch that is no multiple of the chunk."""
+  return _sized(f"chunked-{batch}x48x48", batch, 48, layout, groups, 1, 0.2)
 
 
-def _bench(size):
+def _mesh(layout, groups, stride):
+  return _sized("mesh", MESH_BATCH, 6, layout, groups, stride, 0.5)
+
+
+def _bench(size, batch=128):
   def make(rng, dtype):
-    return (normal(rng, (128, size, size, 32), dtype),
+    return (normal(rng, (batch, size, size, 32), dtype),
             normal(rng, (3, 3, 32, 64), dtype, scale=0.1), normal(rng, (64,), dtype))
-  return Case(f"128x{size}x{size}x32-3x3to64-same", make, dict(padding="SAME"), diff=(0, 1, 2))
+  return Case(f"{batch}x{size}x{size}x32-3x3to64-same", make, dict(padding="SAME"),
+              diff=(0, 1, 2))
 
 
 SPECS = [
     OpSpec(
         "conv2d", conv2d, conv2d_reference,
-        (*_grid(), _large(7, 48, "NHWC", 1, 1), _large(9, 48, "NCHW", 2, 1)),
+        (*_grid(), _large(7, "NHWC", 1), _large(9, "NCHW", 2)),
         representative=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
                         "s2-valid-d1-dw-nchw-even-bias"),
-        bench=(_bench(28), _bench(14)),
+        bench=(_bench(28), _bench(28, batch=127), _bench(14)),
         mesh=(_mesh("NHWC", 1, 1), _mesh("NCHW", 2, 2)),
         platform_dependent=True,
     ),

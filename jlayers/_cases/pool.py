@@ -68,8 +68,10 @@ def _mesh(draw):
 
 
 def _bench(draw):
-  return tuple(Case(f"{'x'.join(map(str, s))}-w2", lambda rng, dtype, s=s: (draw(rng, s, dtype),),
-                    dict(window=2)) for s in ((128, 28, 28, 32), (128, 14, 14, 64)))
+  return (*(Case(f"{'x'.join(map(str, s))}-w2", lambda rng, dtype, s=s: (draw(rng, s, dtype),),
+                 dict(window=2)) for s in ((128, 28, 28, 32), (128, 14, 14, 64))),
+          Case("128x28x28x32-global", lambda rng, dtype: (draw(rng, (128, 28, 28, 32), dtype),),
+               dict(window=28)))
 
 
 SPECS = [
