@@ -6,7 +6,7 @@ signature in :mod:`jlayers.reference`; the test suite proves the two agree. Laye
 ``impl="autodiff"``, the same model on the twins.
 """
 
-from jlayers import reference
+from jlayers import reference, testing
 from jlayers._platform import formulation
 from jlayers.activation import relu
 from jlayers.batch_norm import batch_norm, batch_norm_inference
@@ -16,10 +16,27 @@ from jlayers.layers import (AvgPool2d, BatchNorm, Conv2d, Dropout, Flatten, Laye
                             MaxPool2d, ReLU)
 from jlayers.linear import linear
 from jlayers.loss import softmax_cross_entropy
-from jlayers.models import Sequential, grad_differences, max_grad_difference
+from jlayers.models import (Composite, Residual, Scope, Sequential, grad_differences,
+                            max_grad_difference)
 from jlayers.pool import avg_pool2d, max_pool2d
 
+from jlayers._impl import op, register_op, registered_ops
+
 __version__ = "0.1.0"
+
+for _name, _manual, _reference in (
+    ("linear", linear, reference.linear),
+    ("relu", relu, reference.relu),
+    ("dropout", dropout, reference.dropout),
+    ("batch_norm", batch_norm, reference.batch_norm),
+    ("batch_norm_inference", batch_norm_inference, reference.batch_norm_inference),
+    ("conv2d", conv2d, reference.conv2d),
+    ("max_pool2d", max_pool2d, reference.max_pool2d),
+    ("avg_pool2d", avg_pool2d, reference.avg_pool2d),
+    ("softmax_cross_entropy", softmax_cross_entropy, reference.softmax_cross_entropy),
+):
+  register_op(_name, _manual, _reference)
+del _name, _manual, _reference
 
 __all__ = [
     # ops (manual backward passes)
@@ -36,9 +53,16 @@ __all__ = [
     "reference",
     # per-platform formulations
     "formulation",
+    # checking rules against autodiff
+    "testing",
+    # the op table
+    "op",
+    "register_op",
+    "registered_ops",
     # layers and models
     "AvgPool2d",
     "BatchNorm",
+    "Composite",
     "Conv2d",
     "Dropout",
     "Flatten",
@@ -46,6 +70,8 @@ __all__ = [
     "Linear",
     "MaxPool2d",
     "ReLU",
+    "Residual",
+    "Scope",
     "Sequential",
     "grad_differences",
     "max_grad_difference",

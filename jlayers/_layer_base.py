@@ -143,6 +143,19 @@ def compute_dtype(layer, x):
   return x if layer.dtype is None else x.astype(layer.dtype)
 
 
+def entries(layer, tree, what: str, names: Sequence[str]) -> list:
+  """``[tree[n] for n in names]``, or a ``KeyError`` naming the layer, the missing entry and
+  what ``tree`` has (a params or state dict from another model, or one that lost an entry)."""
+  where = type(layer).__name__
+  if not isinstance(tree, dict):
+    raise TypeError(f"{where}: {what} must be a dict, got {type(tree).__name__}")
+  missing = [n for n in names if n not in tree]
+  if missing:
+    raise KeyError(f"{where}: {what} has no entry {missing[0]!r} (it has {sorted(tree)}; "
+                   f"this layer needs {list(names)})")
+  return [tree[n] for n in names]
+
+
 def set_field(obj, name: str, value) -> None:
   """Stores a normalised value on a frozen dataclass from its ``__post_init__``."""
   object.__setattr__(obj, name, value)

@@ -15,6 +15,9 @@ def relu(x: jax.Array) -> jax.Array:
     \mathrm{relu}(x) = \max(x, 0)
 
   The gradient at exactly ``x = 0`` is taken to be 0, as in ``jax.nn.relu`` and PyTorch.
+  NaN passes through (``relu(nan)`` is NaN, and so is its gradient's product downstream) and
+  ``relu(-0.0)`` is ``+0.0``: the forward is ``where(x <= 0, 0, x)``, and the twin computes
+  exactly that, so ``impl="autodiff"`` shows the same NaNs.
 
   Args:
     x: float[...] of any shape.
@@ -28,19 +31,25 @@ def relu(x: jax.Array) -> jax.Array:
     Array([0., 0., 2.], dtype=float32)
     >>> float(jax.grad(jlayers.relu)(0.0))
     0.0
+    >>> jlayers.relu(jnp.array([jnp.nan, -0.0])).tolist()
+    [nan, 0.0]
   """
   return _relu(_checks.floating("relu", "x", x))
 
 
+def _forward(x):
+  return jnp.where(x <= 0, jnp.zeros_like(x), x)
+
+
 @jax.custom_vjp
 def _relu(x):
-  return jnp.maximum(x, 0)
+  return _forward(x)
 
 
 def _relu_fwd(x):
-  """Saves the boolean mask ``x > 0``: one byte per element, half of a bf16 output, a quarter
-  of an f32 one. The output itself is not needed."""
-  return jnp.maximum(x, 0), x > 0
+  """Saves the boolean mask ``not (x <= 0)``: one byte per element, half of a bf16 output, a
+  quarter of an f32 one. The output itself is not needed."""
+  return _forward(x), ~(x <= 0)
 
 
 def _relu_bwd(mask, g):
@@ -52,7 +61,8 @@ def _relu_bwd(mask, g):
     \frac{∂y_i}{∂x_i} = \begin{cases} 1 & x_i > 0 \\ 0 & x_i \le 0 \end{cases}
 
   and ``dx_i = g_i · [x_i > 0]``. The strict inequality is the convention at the kink: the
-  gradient at 0 is 0. The rule is linear in ``g``, and its derivative with respect to ``x`` is
+  gradient at 0 is 0. The mask is stored as ``not (x_i <= 0)``, which also passes ``g`` at
+  ``x_i = NaN``, as autodiff of the forward ``where(x <= 0, 0, x)`` does. The rule is linear in ``g``, and its derivative with respect to ``x`` is
   0 almost everywhere, matching autodiff of ``max(x, 0)`` to second order.
   """
   return (jnp.where(mask, g, jnp.zeros_like(g)),)
@@ -62,10 +72,7 @@ _relu.defvjp(_relu_fwd, _relu_bwd)
 
 
 def relu_reference(x: jax.Array) -> jax.Array:
-  """Autodiff twin of :func:`relu`.
-
-  Written as ``where(x > 0, x, 0)`` so that autodiff, too, gives 0 at the kink (autodiff of
-  ``jnp.maximum(x, 0)`` splits a tie and would give 0.5).
-  """
-  x = _checks.floating("relu", "x", x)
-  return jnp.where(x > 0, x, jnp.zeros_like(x))
+  """Autodiff twin of :func:`relu`: the same forward ``where(x <= 0, 0, x)``, NaN and signed
+  zero included, differentiated by JAX (0 at the kink; autodiff of ``jnp.maximum(x, 0)``
+  would split the tie and give 0.5)."""
+  return _forward(_checks.floating("relu", "x", x))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
@@ -58,7 +59,7 @@ def _varying(v, axis_name):
 
 
 def _count(x, axis, axis_name):
-  n = x.size // x.shape[axis]
+  n = math.prod(s for i, s in enumerate(x.shape) if i != axis)
   return n if axis_name is None else jax.lax.psum(n, axis_name)
 
 
@@ -177,11 +178,19 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   .. math::
     dx_i \mathrel{+}= \frac{g_μ}{N} + \frac{2 g_{σ^2} \hat x_i}{inv \, N}
 
-  With ``axis_name`` the sums ``dβ, dγ`` used inside ``dx`` are over all devices (``N`` is the
-  global count); the returned ``dγ, dβ`` are this device's share, as autodiff of a ``psum``
-  gives (a parameter replicated across ``shard_map`` enters as a per-device value, so JAX sums
-  the shares). Work is in at
-  least float32, and each cotangent is cast to its input's dtype.
+  With ``axis_name`` the sums run over all devices (``N`` is the global count), and each
+  device's ``γ`` may differ (``vmap`` with a batched scale): element ``j`` of device ``d(j)``
+  has ``∂y_j/∂\hat x_j = γ_{d(j)}``, so the sums inside ``dx`` are of ``γ g``:
+
+  .. math::
+    dx_i = \frac{inv}{N} \Big(N γ_{d(i)} g_i - \sum_j γ_{d(j)} g_j
+      - \hat x_i \sum_j γ_{d(j)} g_j \hat x_j\Big)
+
+  (the same as above when ``γ`` is one vector). Each device adds ``γ · Σ_local g`` and
+  ``γ · Σ_local g x̂`` with ``psum``. The returned ``dγ, dβ`` are this device's share, as
+  autodiff of a ``psum`` gives (a parameter replicated across ``shard_map`` enters as a
+  per-device value, so JAX sums the shares). Work is in at least float32, and each cotangent
+  is cast to its input's dtype.
   """
   xhat_saved, inv, scale, offset, n = res
   gy, gmean, gvar = cotangents
@@ -192,13 +201,15 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   red = tuple(i for i in range(nd) if i != axis)
   dbeta_local = jnp.sum(g, axis=red)
   dgamma_local = jnp.sum(g * xhat, axis=red)
+  gamma = scale.astype(cdt)
   if axis_name is None:
-    dbeta, dgamma = dbeta_local, dgamma_local
-  else:
-    dbeta, dgamma = jax.lax.psum((dbeta_local, dgamma_local), axis_name)
-  gamma_inv = scale.astype(cdt) * inv
-  pc = functools.partial(_per_channel, ndim=nd, axis=axis)
-  dx = pc(gamma_inv) * (g - pc(dbeta / n) - xhat * pc(dgamma / n))
+    gamma_inv = gamma * inv
+    pc = functools.partial(_per_channel, ndim=nd, axis=axis)
+    dx = pc(gamma_inv) * (g - pc(dbeta_local / n) - xhat * pc(dgamma_local / n))
+  else:  # sums of γ g over devices whose γ may differ
+    s1, s2 = jax.lax.psum((gamma * dbeta_local, gamma * dgamma_local), axis_name)
+    pc = functools.partial(_per_channel, ndim=nd, axis=axis)
+    dx = pc(inv) * (pc(gamma) * g - pc(s1 / n) - xhat * pc(s2 / n))
   if axis_name is None:  # with axis_name the statistics are differentiated outside this rule
     dx = dx + pc(gmean.astype(cdt) / n) + xhat * pc(2 * gvar.astype(cdt) / (inv * n))
   return (dx.astype(gy.dtype), dgamma_local.astype(scale.dtype),

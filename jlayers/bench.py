@@ -34,7 +34,7 @@ import optax
 from jlayers import __version__ as jlayers_version
 from jlayers import _bench_peers as peers
 from jlayers import _impl, _platform
-from jlayers import _verify
+from jlayers import testing
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.models import Sequential
 from jlayers.registry import OPS
@@ -51,7 +51,7 @@ def fwd_bwd(fn, case, args):
   """A jitted ``(primals, cotangent) -> (outputs, gradients)`` for one op case."""
 
   def run(primals, cot):
-    out, pullback = jax.vjp(_verify.restrict(fn, case, args), *primals)
+    out, pullback = jax.vjp(testing.restrict(fn, case, args), *primals)
     return out, pullback(cot)
 
   return jax.jit(run)
@@ -62,7 +62,7 @@ def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) ->
   rng = np.random.default_rng(seed)
   args = case.make(rng, jnp.float32)
   primals = tuple(args[i] for i in case.diff)
-  cot = _verify.random_like(rng, jax.eval_shape(_verify.restrict(spec.reference, case, args),
+  cot = testing.random_like(rng, jax.eval_shape(testing.restrict(spec.reference, case, args),
                                                 *primals))
   row = {"op": spec.name, "size": case.id}
   runners, programs = {}, {}
@@ -71,7 +71,7 @@ def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) ->
     runners[impl] = functools.partial(f, primals, cot)
     programs[impl] = canonical_hlo(f.lower(primals, cot).compile().as_text())
     row[f"{impl}_temp"] = temp_bytes(f, primals, cot)
-    row[f"{impl}_saved"] = saved_bytes(_verify.restrict(fn, case, args), primals)
+    row[f"{impl}_saved"] = saved_bytes(testing.restrict(fn, case, args), primals)
   for impl, times in peers.time_interleaved(runners, steps, warmup, rounds).items():
     row[f"{impl}_ms"] = statistics.median(times)
   row["time_ratio"] = row["manual_ms"] / row["autodiff_ms"]
@@ -108,10 +108,8 @@ def saved_bytes(fn, primals) -> int:
   """Bytes ``fn`` keeps for its backward pass that are not its own inputs (residuals), with the
   platform-dependent rules traced in the formulation of the default backend (tracing alone
   would list the residuals of every platform's formulation)."""
-  from jax._src.ad_checkpoint import saved_residuals  # noqa: PLC0415 (no public equivalent)
-
   with _platform.formulation("cpu" if jax.default_backend() == "cpu" else "native"):
-    res = saved_residuals(fn, *primals)
+    res = testing.saved_residuals(fn, *primals)
   return sum(aval.size * aval.dtype.itemsize for aval, why in res
              if not why.startswith("from the argument"))
 

@@ -1,9 +1,10 @@
 """``python -m jlayers.check``: every registered op's manual gradients against autodiff.
 
-For each op of :data:`jlayers.registry.OPS` and each case of its grid, runs ``jax.vjp`` of the
-manual rule and of the autodiff twin on the same inputs and random cotangents, in float32 and
-(unless ``--no-x64``) float64, and prints one row per case with the largest absolute and relative
-errors over the outputs and every gradient, and PASS or FAIL against the tolerances below.
+For each op of :data:`jlayers.registry.OPS` (or of a user's module's ``SPECS``) and each case
+of its grid, runs ``jax.vjp`` of the manual rule and of the autodiff twin on the same inputs
+and random cotangents, in float32 and (unless ``--no-x64``) float64, and prints one row per
+case with the largest absolute and relative errors over the outputs and every gradient, and
+PASS or FAIL against the tolerances below.
 Exits with status 1 if any case fails.
 
 Examples::
@@ -12,6 +13,7 @@ Examples::
   python -m jlayers.check --op conv2d --no-x64  # one op, float32 only
   python -m jlayers.check --max-cases 2         # a quick subset
   python -m jlayers.check --formulation native  # on a CPU, the rules GPUs and TPUs run
+  python -m jlayers.check --module mypkg.ops    # your own rules: mypkg.ops.SPECS
 
 The float32 tolerance depends on the platform (``PLATFORM_TOLERANCES``: TF32 products on GPU,
 bfloat16 passes on TPU); float64 is held to 1e-10 everywhere.
@@ -20,6 +22,7 @@ bfloat16 passes on TPU); float64 is held to 1e-10 everywhere.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -27,8 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jlayers import _platform, _verify
-from jlayers.registry import OPS
+from jlayers import _platform, testing
 
 #: Relative-error tolerance per platform and dtype: ``max|manual − autodiff| / max|autodiff|``.
 #: On GPU, float32 products run in TF32 by default (10 mantissa bits, unit roundoff 4.9e-4),
@@ -56,27 +58,45 @@ def check_case(spec, case, dtypes, seed=0):
   for name in dtypes:
     if name == "float64":
       with jax.enable_x64(True):
-        result = _verify.compare(spec, case, jnp.float64, seed=seed, jit=True)
+        result = testing.compare(spec, case, jnp.float64, seed=seed, jit=True)
     else:
-      result = _verify.compare(spec, case, jnp.dtype(name), seed=seed, jit=True)
+      result = testing.compare(spec, case, jnp.dtype(name), seed=seed, jit=True)
     row[name] = (result.worst_abs, result.worst_rel, result.worst_rel <= limits[name])
   return row
 
 
-def run(op_names=None, x64=True, max_cases=None, out=sys.stdout, as_json=False,
-        formulation="auto"):
-  """Checks the selected ops (the rules traced in ``formulation``, see
-  :func:`jlayers.formulation`); returns the number of failing cases."""
-  unknown = sorted(set(op_names or ()) - set(OPS))
+def load_specs(module_name: str | None) -> dict:
+  """jlayers' registry, or the ``SPECS`` (a list of :class:`jlayers.testing.OpSpec`) of a
+  user's module."""
+  if module_name is None:
+    from jlayers.registry import OPS  # noqa: PLC0415
+    return OPS
+  module = importlib.import_module(module_name)
+  specs = getattr(module, "SPECS", None)
+  if not isinstance(specs, (list, tuple)) or not all(
+      isinstance(s, testing.OpSpec) for s in specs):
+    raise SystemExit(f"{module_name}: expected a list SPECS of jlayers.testing.OpSpec, got "
+                     f"{type(specs).__name__}")
+  return {s.name: s for s in specs}
+
+
+def run(op_names=None, x64=True, max_cases=None, out=None, as_json=False,
+        formulation="auto", module=None):
+  """Checks the selected ops of jlayers' registry, or of ``module``'s ``SPECS`` (the rules
+  traced in ``formulation``, see :func:`jlayers.formulation`); returns the number of failing
+  cases."""
+  out = sys.stdout if out is None else out
+  specs = load_specs(module)
+  unknown = sorted(set(op_names or ()) - set(specs))
   if unknown:
-    raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(OPS)}")
+    raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(specs)}")
   dtypes = ("float32", "float64") if x64 else ("float32",)
   rows, failures, start = [], 0, time.perf_counter()
   if not as_json:
     head = ["op", "case"] + [f"{d} {k}" for d in dtypes for k in ("abs", "rel")] + ["result"]
     print("| " + " | ".join(head) + " |", file=out)
     print("|" + "---|" * len(head), file=out)
-  for name, spec in OPS.items():
+  for name, spec in specs.items():
     if op_names and name not in op_names:
       continue
     for case in spec.cases[:max_cases]:
@@ -119,7 +139,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jlayers.check", description=__doc__.split(
       "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--op", action="append", metavar="NAME",
-                      help=f"only this op (repeatable); one of {', '.join(OPS)}")
+                      help="only this op (repeatable)")
+  parser.add_argument("--module", metavar="MODULE",
+                      help="check the SPECS of this importable module (e.g. mypkg.ops: a list "
+                           "of jlayers.testing.OpSpec) instead of jlayers' own ops")
   parser.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
                       help="also check in float64 (default: on)")
   parser.add_argument("--max-cases", type=int, default=None, metavar="N",
@@ -130,7 +153,7 @@ def main(argv=None) -> int:
                            "the one of the platform; 'native' is what GPUs and TPUs run)")
   args = parser.parse_args(argv)
   failures = run(args.op, args.x64, args.max_cases, as_json=args.json,
-                 formulation=args.formulation)
+                 formulation=args.formulation, module=args.module)
   return 1 if failures else 0
 
 

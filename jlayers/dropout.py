@@ -13,17 +13,27 @@ from jax.sharding import PartitionSpec as P
 from jlayers import _checks, _sharding
 
 
+# Raw key shapes of JAX's PRNG implementations.
+_RAW_KEY_IMPLS = {(2,): "threefry2x32", (4,): "rbg"}
+_KEY_SHAPES = {"threefry2x32": (2,), "rbg": (4,), "unsafe_rbg": (4,)}
+
+
 def _typed_key(key) -> jax.Array:
-  """A single typed PRNG key from a typed key or a raw ``uint32[2]`` (``jax.random.PRNGKey``)."""
+  """A single typed PRNG key from a typed key or a raw one (``jax.random.PRNGKey``):
+  ``uint32[2]`` (threefry) or ``uint32[4]`` (rbg, unsafe_rbg), read with the default
+  implementation when its keys have that shape."""
   if isinstance(key, (jax.Array, np.ndarray)):
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
       if key.shape != ():
         raise ValueError(f"dropout: key must be a single key, got a key array of shape {key.shape}")
       return key
-    if key.dtype == jnp.uint32 and key.shape == (2,):
-      return jax.random.wrap_key_data(key)
+    shape = tuple(key.shape)
+    if key.dtype == jnp.uint32 and shape in _RAW_KEY_IMPLS:
+      default = jax.config.jax_default_prng_impl
+      impl = default if _KEY_SHAPES.get(default) == shape else _RAW_KEY_IMPLS[shape]
+      return jax.random.wrap_key_data(key, impl=impl)
     raise TypeError(
-        "dropout: key must be a typed key (jax.random.key) or a raw uint32[2] key "
+        "dropout: key must be a typed key (jax.random.key) or a raw uint32[2] or uint32[4] key "
         f"(jax.random.PRNGKey), got {key.dtype}{list(key.shape)}")
   raise TypeError(f"dropout: key must be a PRNG key array, got {type(key).__name__}")
 
@@ -32,8 +42,8 @@ def _rate(rate, dtype) -> jax.Array:
   """Validates ``rate`` and returns it as a scalar array of the statistics dtype."""
   wide = _checks.at_least_float32(dtype)
   if isinstance(rate, numbers.Real) and not isinstance(rate, bool):
-    if not 0.0 <= float(rate) < 1.0:
-      raise ValueError(f"dropout: rate is the probability of dropping and must be in [0, 1), "
+    if not 0.0 <= float(rate) <= 1.0:
+      raise ValueError(f"dropout: rate is the probability of dropping and must be in [0, 1], "
                        f"got {rate}")
     return jnp.asarray(rate, dtype=wide)
   if not isinstance(rate, (jax.Array, np.ndarray, np.generic)):
@@ -83,10 +93,12 @@ def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Arr
 
   Args:
     x: float[...] of any shape.
-    key: a typed key from ``jax.random.key`` or a raw ``uint32[2]`` from ``jax.random.PRNGKey``.
-    rate: probability of DROPPING, ``0 <= rate < 1``. A Python float is checked at trace time
-      (``rate=0`` returns ``x`` itself). A scalar float array may be traced, so one compiled
-      function serves every rate; a traced rate outside ``[0, 1)`` gives NaN outputs. ``rate``
+    key: a typed key from ``jax.random.key``, or a raw key from ``jax.random.PRNGKey``:
+      ``uint32[2]`` (threefry) or ``uint32[4]`` (``rbg``, ``unsafe_rbg``).
+    rate: probability of DROPPING, ``0 <= rate <= 1`` (``rate=1`` drops everything: output
+      and gradient 0, as PyTorch). A Python float is checked at trace time (``rate=0``
+      returns ``x`` itself). A scalar float array may be traced, so one compiled function
+      serves every rate; a traced rate outside ``[0, 1]`` gives NaN outputs. ``rate``
       receives no gradient.
     broadcast_dims: axes along which one mask value is shared (as in Flax), e.g. ``(1, 2)``
       for channel dropout of an NHWC feature map.
@@ -104,13 +116,16 @@ def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Arr
 
 
 def _scale(rate_arr, dtype):
-  return (1.0 / (1.0 - rate_arr)).astype(dtype)
+  """``1 / (1 − p)``, and 0 at ``p = 1`` (everything dropped: no inf to multiply a zero)."""
+  keep = 1.0 - rate_arr
+  safe = jnp.where(keep > 0, keep, jnp.ones_like(keep))
+  return jnp.where(keep > 0, 1.0 / safe, jnp.zeros_like(keep)).astype(dtype)
 
 
 def _forward(x, keep, rate_arr):
   y = jnp.where(jnp.broadcast_to(keep, x.shape), x * _scale(rate_arr, x.dtype),
                 jnp.zeros_like(x))
-  valid = (rate_arr >= 0) & (rate_arr < 1)
+  valid = (rate_arr >= 0) & (rate_arr <= 1)
   return jnp.where(valid, y, jnp.full_like(y, jnp.nan))
 
 
@@ -138,7 +153,8 @@ def _dropout_bwd(res, g):
   which is the seed notes' ``∂L/∂X = ∂L/∂Y · M`` with the inverted-dropout scale. A mask
   shared along ``broadcast_dims`` is broadcast back to ``x``'s shape. The mask is a sample,
   not a function of ``x`` or ``p``, and ``p`` is treated as a constant (its cotangent is
-  ``None``, i.e. zero), as is the key. A traced ``p`` outside ``[0, 1)`` gives NaN here too.
+  ``None``, i.e. zero), as is the key. A traced ``p`` outside ``[0, 1]`` gives NaN here too;
+  at ``p = 1`` the scale is taken as 0 (nothing survives), so output and gradient are 0.
   """
   keep, rate_arr = res
   dx = _forward(g, keep, rate_arr)

@@ -6,9 +6,10 @@ Every layer follows the protocol of :class:`jlayers.layers.Layer`::
   y, state = layer.apply(params, state, x, key=None, train=False, impl="manual")
 
 ``impl="manual"`` runs the hand-written ``custom_vjp`` rules, ``impl="autodiff"`` the reference
-twins; both are looked up in :data:`jlayers.registry.OPS` when ``apply`` is traced. Shapes are
-inferred from ``input_shape``; initialisers default as in Flax (LeCun normal kernels, zero
-biases, unit batch-norm scale) and are any ``jax.nn.initializers``-style callable.
+twins; both are looked up in the op table (:func:`jlayers.op`) when ``apply`` is traced.
+Shapes are inferred from ``input_shape``; initialisers default as in Flax (LeCun normal
+kernels, zero biases, unit batch-norm scale) and are any ``jax.nn.initializers``-style
+callable.
 
 Examples:
   >>> import jax, jax.numpy as jnp, jlayers
@@ -23,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -82,8 +84,10 @@ class Linear(Layer):
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("Linear", train, impl)
-    y = _impl.op("linear", impl)(base.compute_dtype(self, x), params["kernel"],
-                                 params.get("bias"), precision=self.precision)
+    kernel, *bias = base.entries(self, params, "params",
+                                 ("kernel", "bias") if self.use_bias else ("kernel",))
+    y = _impl.op("linear", impl)(base.compute_dtype(self, x), kernel, *bias,
+                                 precision=self.precision)
     return y, state
 
 
@@ -148,8 +152,10 @@ class Conv2d(Layer):
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("Conv2d", train, impl)
+    kernel, *bias = base.entries(self, params, "params",
+                                 ("kernel", "bias") if self.use_bias else ("kernel",))
     y = _impl.op("conv2d", impl)(
-        base.compute_dtype(self, x), params["kernel"], params.get("bias"), stride=self.stride,
+        base.compute_dtype(self, x), kernel, *bias, stride=self.stride,
         padding=self.padding, dilation=self.dilation, groups=self.groups, layout=self.layout,
         precision=self.precision)
     return y, state
@@ -212,18 +218,23 @@ class BatchNorm(Layer):
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("BatchNorm", train, impl)
     x = base.compute_dtype(self, x)
+    scale, offset = base.entries(self, params, "params", ("scale", "offset"))
+    mean, var = base.entries(self, state, "state", ("mean", "var"))
     if not train:
       y = _impl.op("batch_norm_inference", impl)(
-          x, params["scale"], params["offset"], state["mean"], state["var"], axis=self.axis,
+          x, scale, offset, mean, var, axis=self.axis,
           eps=self.eps)
       return y, state
-    y, mean, var = _impl.op("batch_norm", impl)(
-        x, params["scale"], params["offset"], axis=self.axis, eps=self.eps,
+    y, batch_mean, batch_var = _impl.op("batch_norm", impl)(
+        x, scale, offset, axis=self.axis, eps=self.eps,
         axis_name=self.axis_name)
+    axis = _checks.axis_index("BatchNorm", "axis", self.axis, x.ndim)
+    if math.prod(s for i, s in enumerate(x.shape) if i != axis) == 0:
+      return y, state  # an empty batch has no statistics: the running ones stay as they were
     m = self.momentum
     new_state = {
         name: m * old + (1.0 - m) * jax.lax.stop_gradient(batch).astype(old.dtype)
-        for name, old, batch in (("mean", state["mean"], mean), ("var", state["var"], var))}
+        for name, old, batch in (("mean", mean, batch_mean), ("var", var, batch_var))}
     return y, new_state
 
 
@@ -231,7 +242,7 @@ class BatchNorm(Layer):
 class Dropout(Layer):
   """Inverted dropout, active only with ``train=True`` (which then needs ``key``).
 
-  ``rate`` is the probability of DROPPING an element, ``0 <= rate < 1``; ``broadcast_dims``
+  ``rate`` is the probability of DROPPING an element, ``0 <= rate <= 1``; ``broadcast_dims``
   share one mask value along those axes (e.g. ``(1, 2)`` drops whole NHWC channels). No params,
   no state. Inside :class:`jlayers.Sequential` every dropout layer gets its own key.
   """
@@ -242,7 +253,7 @@ class Dropout(Layer):
   broadcast_dims: tuple[int, ...] = ()
 
   def __post_init__(self):
-    base.set_field(self, "rate", base.real("Dropout", "rate", self.rate, 0.0, 1.0, hi_open=True))
+    base.set_field(self, "rate", base.real("Dropout", "rate", self.rate, 0.0, 1.0))
     dims = self.broadcast_dims
     if not isinstance(dims, Sequence) or isinstance(dims, str) or not all(
         map(_checks.is_int, dims)):

@@ -4,27 +4,204 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jlayers import _layer_base as base
-from jlayers import _verify
+from jlayers import testing
 from jlayers._layer_base import Layer
 
-__all__ = ["Sequential", "grad_differences", "max_grad_difference"]
+__all__ = ["Composite", "Residual", "Scope", "Sequential", "grad_differences",
+           "max_grad_difference"]
+
+
+def _child_key(key, name: str):
+  """The key of child ``name``: ``key`` folded with a hash of the name (stable under edits)."""
+  return None if key is None else jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+class Scope:
+  """Calls a layer's children inside its ``apply``, threading params, state, keys, ``train``
+  and ``impl``.
+
+  ``scope(name, child, x)`` runs ``child.apply(params[name], state[name], x, ...)`` with the
+  key ``fold_in(key, hash(name))``, so no two children share a key, records the child's new
+  state under ``name`` (:attr:`state`) and returns its output. Calling the same name again
+  with the same child reuses its params (weight sharing). :class:`Composite` creates it; any
+  ``Layer`` subclass may use it in its own ``apply``.
+
+  Args:
+    where: the owner's name, for error messages.
+    params, state: the owner's dicts of the children's params and state, by name.
+    key, train, impl: as passed to the owner's ``apply``.
+  """
+
+  def __init__(self, where: str, params, state, *, key=None, train=False, impl="manual"):
+    for what, tree in (("params", params), ("state", state)):
+      if not isinstance(tree, dict):
+        raise TypeError(f"{where}: {what} must be a dict, got {type(tree).__name__}")
+    self.where, self.params, self.old_state = where, params, state
+    self.key, self.train, self.impl = key, train, impl
+    self.state: dict[str, Any] = {}
+    self.called: dict[str, Layer] = {}
+
+  def __call__(self, name: str, child: Layer, x):
+    _check_child(self.where, name, child, self.called)
+    y, s = child.apply(self.params.get(name, {}), self.state.get(name, self.old_state.get(
+        name, {})), x, key=_child_key(self.key, name), train=self.train, impl=self.impl)
+    if s:
+      self.state[name] = s
+    return y
+
+  def check_unused(self) -> None:
+    """Raises ``ValueError`` for params or state entries that no child was called for."""
+    for what, tree in (("params", self.params), ("state", self.old_state)):
+      unknown = sorted(set(tree) - set(self.called))
+      if unknown:
+        raise ValueError(f"{self.where}: {what} has entries {unknown} that match no child "
+                         f"(children: {list(self.called)})")
+
+
+class _Recorder:
+  """The :class:`Scope` of ``init``: records each child and the shape it is called with, and
+  returns its output shape (under ``jax.eval_shape``, no FLOPs)."""
+
+  def __init__(self, where: str):
+    self.where = where
+    self.called: dict[str, Layer] = {}
+    self.inputs: dict[str, jax.ShapeDtypeStruct] = {}
+
+  def __call__(self, name: str, child: Layer, x):
+    _check_child(self.where, name, child, self.called)
+    self.inputs.setdefault(name, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params, state = child.init(jax.random.key(0), x.shape, dtype=x.dtype)
+    return child.apply(params, state, x, train=False)[0]
+
+
+def _check_child(where: str, name, child, called: dict) -> None:
+  if not isinstance(name, str) or not name:
+    raise TypeError(f"{where}: a child's name must be a non-empty string, got {name!r}")
+  if not isinstance(child, Layer):
+    raise TypeError(f"{where}: child {name!r} must be a jlayers layer, got "
+                    f"{type(child).__name__}")
+  if name in called and called[name] is not child:
+    raise ValueError(f"{where}: two different children are named {name!r}")
+  called[name] = child
+
+
+class Composite(Layer):
+  """A layer made of named children, written as one ``forward(scope, x)``.
+
+  Subclasses define ``forward``, calling each child as ``scope(name, child, x)`` and combining
+  the results with any jnp code; :meth:`init` and :meth:`apply` come from it. ``params`` and
+  ``state`` are dicts from the children's names to their dicts (only children that have any).
+
+  Examples:
+    A ResNet-style block with a projection shortcut:
+
+    >>> import dataclasses, jax, jax.numpy as jnp, jlayers
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class Block(jlayers.Composite):
+    ...   features: int
+    ...   def forward(self, scope, x):
+    ...     h = scope("conv1", jlayers.Conv2d(self.features, 3, use_bias=False), x)
+    ...     h = scope("relu1", jlayers.ReLU(), scope("bn1", jlayers.BatchNorm(), h))
+    ...     h = scope("bn2", jlayers.BatchNorm(),
+    ...               scope("conv2", jlayers.Conv2d(self.features, 3, use_bias=False), h))
+    ...     s = scope("proj", jlayers.Conv2d(self.features, 1, use_bias=False), x)
+    ...     return scope("relu2", jlayers.ReLU(), h + s)
+    >>> block = Block(8)
+    >>> params, state = block.init(jax.random.key(0), (2, 6, 6, 3))
+    >>> sorted(params)
+    ['bn1', 'bn2', 'conv1', 'conv2', 'proj']
+    >>> y, state = block.apply(params, state, jnp.ones((2, 6, 6, 3)), train=True)
+    >>> y.shape
+    (2, 6, 6, 8)
+  """
+
+  kind: ClassVar[str] = "composite"
+
+  def forward(self, scope, x):
+    """The computation: ``scope(name, child, x)`` calls a child (see :class:`Scope`)."""
+    raise NotImplementedError
+
+  def init(self, key, input_shape, *, dtype=jnp.float32):
+    where = type(self).__name__
+    shape = base.shape_of(where, input_shape)
+    recorder = _Recorder(where)
+    jax.eval_shape(lambda x: self.forward(recorder, x), jax.ShapeDtypeStruct(shape, dtype))
+    params, state = {}, {}
+    for name, child in recorder.called.items():
+      struct = recorder.inputs[name]
+      p, s = child.init(_child_key(key, name), struct.shape, dtype=struct.dtype)
+      if p:
+        params[name] = p
+      if s:
+        state[name] = s
+    return params, state
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    where = type(self).__name__
+    base.check_call(where, train, impl)
+    scope = Scope(where, params, state, key=key, train=train, impl=impl)
+    y = self.forward(scope, x)
+    scope.check_unused()
+    return y, scope.state
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual(Composite):
+  """``y = body(x) + shortcut(x)``: the identity shortcut by default, or any layer (a
+  projection: a 1×1 ``Conv2d``, a ``Linear``, a ``Sequential``).
+
+  Children are named ``"body"`` and ``"shortcut"``. The two outputs must have one shape; the
+  sum is in the body's output dtype.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jlayers
+    >>> block = jlayers.Residual(jlayers.Sequential([jlayers.Linear(4), jlayers.ReLU()]))
+    >>> params, state = block.init(jax.random.key(0), (2, 4))
+    >>> block.apply(params, state, jnp.ones((2, 4)))[0].shape
+    (2, 4)
+  """
+
+  kind: ClassVar[str] = "residual"
+  body: Layer
+  _: dataclasses.KW_ONLY
+  shortcut: Layer | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.body, Layer):
+      raise TypeError(f"Residual: body must be a jlayers layer, got {type(self.body).__name__}")
+    if self.shortcut is not None and not isinstance(self.shortcut, Layer):
+      raise TypeError(f"Residual: shortcut must be None or a jlayers layer, got "
+                      f"{type(self.shortcut).__name__}")
+
+  def forward(self, scope, x):
+    h = scope("body", self.body, x)
+    s = x if self.shortcut is None else scope("shortcut", self.shortcut, x)
+    if h.shape != s.shape:
+      what = "x (the identity shortcut)" if self.shortcut is None else "the shortcut's output"
+      raise ValueError(f"Residual: the body's output has shape {tuple(h.shape)} but {what} has "
+                       f"{tuple(s.shape)}; pass a projection as shortcut=")
+    return h + s.astype(h.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class Sequential(Layer):
   """Layers applied one after another; itself a layer, so models nest.
 
-  Child ``i`` is named ``f"{layer.kind}_{i}"`` (``"conv2d_0"``, ``"batch_norm_1"``, ...);
-  ``params`` and ``state`` are dicts from those names to the children's dicts, holding only
-  the children that have any. ``init`` threads the shape through the children with
-  :func:`jax.eval_shape`, so no layer needs its input size spelled out.
+  ``layers`` is a list of layers, a mapping from names to layers, or a list of
+  ``(name, layer)`` pairs. Unnamed, child ``i`` is named ``f"{layer.kind}_{i}"``
+  (``"conv2d_0"``, ``"batch_norm_1"``, ...); named children keep their names when layers are
+  inserted or removed, so saved params still match. ``params`` and ``state`` are dicts from
+  those names to the children's dicts, holding only the children that have any. ``init``
+  threads the shape through the children with :func:`jax.eval_shape`, so no layer needs its
+  input size spelled out.
 
   ``apply`` passes ``train`` and ``impl`` to every child, and gives child ``i`` the key
   ``jax.random.fold_in(key, i)``: two dropout layers never share a mask.
@@ -37,32 +214,54 @@ class Sequential(Layer):
     (['linear_0', 'linear_2'], {})
     >>> model.apply(params, state, jnp.ones((4, 3)))[0].shape
     (4, 2)
+    >>> named = jlayers.Sequential({"hidden": jlayers.Linear(8), "act": jlayers.ReLU(),
+    ...                             "out": jlayers.Linear(2)})
+    >>> sorted(named.init(jax.random.key(0), (4, 3))[0])
+    ['hidden', 'out']
   """
 
   kind: ClassVar[str] = "sequential"
-  layers: Sequence[Layer]
+  layers: Any
+  _names: tuple[str, ...] = dataclasses.field(default=(), init=False, repr=False)
 
   def __post_init__(self):
-    if isinstance(self.layers, Layer) or not isinstance(self.layers, Sequence):
-      raise TypeError(f"Sequential: layers must be a list or tuple of layers, "
-                      f"got {type(self.layers).__name__}")
-    for i, layer in enumerate(self.layers):
+    layers = self.layers
+    if isinstance(layers, Mapping):
+      pairs = list(layers.items())
+    elif isinstance(layers, Sequence) and not isinstance(layers, (str, Layer)):
+      pairs = [item if isinstance(item, tuple) else (None, item) for item in layers]
+    else:
+      raise TypeError(f"Sequential: layers must be a list of layers, a mapping from names to "
+                      f"layers or a list of (name, layer) pairs, got {type(layers).__name__}")
+    names = []
+    for i, pair in enumerate(pairs):
+      if len(pair) != 2:
+        raise TypeError(f"Sequential: layers[{i}] must be a layer or a (name, layer) pair, "
+                        f"got {pair!r}")
+      name, layer = pair
       if not isinstance(layer, Layer):
         raise TypeError(f"Sequential: layers[{i}] must be a jlayers layer, "
                         f"got {type(layer).__name__}")
-    base.set_field(self, "layers", tuple(self.layers))
+      if name is not None and (not isinstance(name, str) or not name):
+        raise TypeError(f"Sequential: the name of layers[{i}] must be a non-empty string, "
+                        f"got {name!r}")
+      names.append(f"{layer.kind}_{i}" if name is None else name)
+    if len(set(names)) != len(names):
+      raise ValueError(f"Sequential: names must be unique, got {names}")
+    base.set_field(self, "layers", tuple(layer for _, layer in pairs))
+    base.set_field(self, "_names", tuple(names))
 
   @property
   def names(self) -> tuple[str, ...]:
     """The children's names, in order."""
-    return tuple(f"{layer.kind}_{i}" for i, layer in enumerate(self.layers))
+    return self._names
 
   def init(self, key, input_shape, *, dtype=jnp.float32):
     shape = base.shape_of("Sequential", input_shape)
     x = jax.ShapeDtypeStruct(shape, dtype)
     params, state = {}, {}
     for i, (name, layer) in enumerate(zip(self.names, self.layers)):
-      p, s = layer.init(jax.random.fold_in(key, i), x.shape, dtype=dtype)
+      p, s = layer.init(jax.random.fold_in(key, i), x.shape, dtype=x.dtype)
       if p:
         params[name] = p
       if s:
@@ -95,7 +294,7 @@ def grad_differences(loss_fn: Callable[..., jax.Array], params: Any, *args,
 
   Computes ``g_m = grad(loss_fn)(params, *args, impl="manual", **kwargs)`` and ``g_a`` with
   ``impl="autodiff"``, both under ``jax.jit`` (``args`` are traced, ``kwargs`` are static),
-  and for every leaf ``max|g_m − g_a| / max|g_a|`` (see :func:`jlayers._verify.rel_err`).
+  and for every leaf ``max|g_m − g_a| / max|g_a|`` (see :func:`jlayers.testing.rel_err`).
   Inside ``jax.enable_x64(True)`` with float64 params and inputs the two agree to ~1e-13.
 
   A leaf whose gradient is zero in exact arithmetic (the bias of a convolution that feeds
@@ -117,7 +316,7 @@ def grad_differences(loss_fn: Callable[..., jax.Array], params: Any, *args,
         params, *args)
   manual = jax.tree_util.tree_leaves_with_path(grads["manual"])
   autodiff = jax.tree_util.tree_leaves(grads["autodiff"])
-  return {jax.tree_util.keystr(path): _verify.rel_err(a, b)[1]
+  return {jax.tree_util.keystr(path): testing.rel_err(a, b)[1]
           for (path, a), b in zip(manual, autodiff)}
 
 

@@ -2,7 +2,8 @@
 
 import jax
 import pytest
-from jax._src.ad_checkpoint import saved_residuals
+
+from jlayers.testing import saved_residuals
 
 
 def raises_eager_and_jit(exc, match, fn, *args):

@@ -57,7 +57,7 @@ def op_rows() -> list[dict]:
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
   import jlayers  # noqa: PLC0415
-  from jlayers import _verify, conv  # noqa: PLC0415
+  from jlayers import conv, testing  # noqa: PLC0415
   from jlayers.registry import MESH_BATCH, OPS  # noqa: PLC0415
 
   # Two images' patches per step: each device's 3 images run as 2 chunks of 2 (one padding).
@@ -67,14 +67,14 @@ def op_rows() -> list[dict]:
     for case in spec.mesh:
       args = case.make(np.random.default_rng(0), jnp.float32)
       primals = tuple(args[i] for i in case.diff)
-      out_shape = jax.eval_shape(_verify.restrict(spec.reference, case, args), *primals)
-      cot = _verify.random_like(np.random.default_rng(1), out_shape)
+      out_shape = jax.eval_shape(testing.restrict(spec.reference, case, args), *primals)
+      cot = testing.random_like(np.random.default_rng(1), out_shape)
       forms = ("cpu", "native") if spec.platform_dependent else ("auto",)
       for form in forms:
         for impl, fn in (("manual", spec.manual), ("twin", spec.reference)):
 
           def run(args, cot, fn=fn, case=case):
-            out, pullback = jax.vjp(_verify.restrict(fn, case, args),
+            out, pullback = jax.vjp(testing.restrict(fn, case, args),
                                     *(args[i] for i in case.diff))
             return out, pullback(cot)
 

@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
-from jax._src.ad_checkpoint import saved_residuals
 
 import jlayers
-from jlayers import conv
+from jlayers import conv, testing
 from jlayers.conv import conv2d, conv2d_reference
 
 X3 = np.arange(1.0, 10.0).reshape(3, 3)  # [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -105,7 +104,7 @@ def test_padding_matches_lax(size, stride, dilation, padding):
 
 def test_only_x_and_w_are_saved():
   x, w, b = jnp.ones((2, 5, 5, 4)), jnp.ones((3, 3, 2, 6)), jnp.ones((6,))
-  res = saved_residuals(lambda x, w, b: conv2d(x, w, b, stride=2, dilation=2, groups=2), x, w, b)
+  res = testing.saved_residuals(lambda x, w, b: conv2d(x, w, b, stride=2, dilation=2, groups=2), x, w, b)
   assert [tuple(a.shape) for a, _ in res] == [x.shape, w.shape]
   assert all(a.dtype == jnp.float32 for a, _ in res)
 

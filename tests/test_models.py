@@ -1,7 +1,6 @@
 """Sequential models: structure, training with optax, per-layer keys, the impl switch, and the
 model-level manual-versus-autodiff gradient check."""
 
-import dataclasses
 import functools
 
 import jax
@@ -10,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from jlayers import _impl
 from jlayers import layers as L
 from jlayers.activation import relu_reference
 from jlayers.models import Sequential, grad_differences, max_grad_difference
@@ -52,7 +52,7 @@ def _wrong_relu(monkeypatch):
     return jnp.maximum(x, 0)
 
   bad.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, g: (g,))
-  monkeypatch.setitem(OPS, "relu", dataclasses.replace(OPS["relu"], manual=bad))
+  monkeypatch.setitem(_impl._TABLE, "relu", _impl.Entry(bad, relu_reference))
 
 
 # --- structure -----------------------------------------------------------------------------------
@@ -173,8 +173,8 @@ def test_jaxpr_of_manual_has_custom_vjp_and_autodiff_has_none():
 
 def test_switching_impl_on_one_jitted_function(monkeypatch):
   # A distinguishable manual relu (double the output) makes each impl's result recognisable.
-  monkeypatch.setitem(OPS, "relu", dataclasses.replace(OPS["relu"],
-                                                       manual=lambda x: 2 * relu_reference(x)))
+  monkeypatch.setitem(_impl._TABLE, "relu",
+                      _impl.Entry(lambda x: 2 * relu_reference(x), relu_reference))
   model = Sequential([L.Linear(3), L.ReLU()])
   params, state = model.init(KEY, (2, 4))
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4)), jnp.float32)

@@ -51,11 +51,27 @@ def test_ci_runs_exactly_the_readmes_test_command():
   assert commands[0] in ci
 
 
-def test_readme_tour_runs():
-  (tour,) = _readme_blocks("python")
+def test_readme_python_blocks_run():
+  tour, composite, own_op = _readme_blocks("python")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # as users run it (optax mixes int and float)
     exec(compile(tour, "README.md", "exec"), namespace)  # noqa: S102
   for a, b in zip(namespace["g_manual"], namespace["g_auto"]):
     assert float(abs(a - b).max() / abs(b).max()) < 1e-5
   assert namespace["worst"] < 1e-3
+  namespace = {}
+  exec(compile(composite, "README.md", "exec"), namespace)  # noqa: S102
+  assert sorted(namespace["params"]) == ["bn1", "bn2", "bn_proj", "conv1", "conv2", "proj"]
+  namespace = {}
+  try:
+    exec(compile(own_op, "README.md", "exec"), namespace)  # noqa: S102
+  finally:
+    jlayers._impl._TABLE.pop("softsign", None)
+  assert namespace["report"].passed
+
+
+def test_the_op_table_holds_every_registry_op():
+  """Layers look ops up in the table; the tests and CLIs iterate the registry: they agree."""
+  table = jlayers.registered_ops()
+  for name, spec in OPS.items():
+    assert table[name] == (spec.manual, spec.reference), name
