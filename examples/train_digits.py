@@ -7,7 +7,7 @@ NHWC as ``(N, 8, 8, 1)`` and split 80/20 (stratified, fixed seed). The model is
     conv 3×3 64 → batch norm → relu → max-pool 2    (4×4 → 2×2)
     flatten → dropout 0.3 → linear 10
 
-trained with optax Adam on softmax cross-entropy. Before training, the model's gradients
+trained with optax Adam on the mean softmax cross-entropy. Before training, the model's gradients
 through the hand-written rules are compared with autodiff of the reference twins on one batch,
 in float64. It reaches ≥ 97 % held-out accuracy in well under two minutes on a 2-core CPU.
 
@@ -45,10 +45,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_reference
+import jlayers
 from jlayers.models import Sequential, max_grad_difference
-
-CROSS_ENTROPY = {"manual": softmax_cross_entropy, "autodiff": softmax_cross_entropy_reference}
 
 
 def load_data(seed: int = 0, test_fraction: float = 0.2):
@@ -115,7 +113,8 @@ class DataParallel:
 def loss_fn(model, params, state, x, y, key, *, impl, train=True):
   """Mean cross-entropy of the batch and the model's new state."""
   logits, new_state = model.apply(params, state, x, key=key, train=train, impl=impl)
-  return CROSS_ENTROPY[impl](logits, y), new_state
+  xent = jlayers.op("softmax_cross_entropy_with_integer_labels", impl)
+  return jnp.mean(xent(logits, y)), new_state
 
 
 def make_train_step(model, optimizer, impl):

@@ -15,7 +15,7 @@ from jlayers.dropout import dropout
 from jlayers.layers import (AvgPool2d, BatchNorm, Conv2d, Dropout, Flatten, Layer, Linear,
                             MaxPool2d, ReLU)
 from jlayers.linear import linear
-from jlayers.loss import softmax_cross_entropy
+from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jlayers.models import (Composite, Residual, Scope, Sequential, grad_differences,
                             max_grad_difference)
 from jlayers.pool import avg_pool2d, max_pool2d
@@ -33,6 +33,8 @@ for _name, _manual, _reference in (
     ("conv2d", conv2d, reference.conv2d),
     ("max_pool2d", max_pool2d, reference.max_pool2d),
     ("avg_pool2d", avg_pool2d, reference.avg_pool2d),
+    ("softmax_cross_entropy_with_integer_labels", softmax_cross_entropy_with_integer_labels,
+     reference.softmax_cross_entropy_with_integer_labels),
     ("softmax_cross_entropy", softmax_cross_entropy, reference.softmax_cross_entropy),
 ):
   register_op(_name, _manual, _reference)
@@ -49,6 +51,7 @@ __all__ = [
     "max_pool2d",
     "relu",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
     # autodiff twins
     "reference",
     # per-platform formulations

@@ -148,11 +148,11 @@ def jlayers_runner(impl: str, batch_size: int = 128, seed: int = 0, calls: int =
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   params, state = model.init(jax.random.key(seed), x.shape)
   opt = optax.sgd(peers.LEARNING_RATE, momentum=peers.MOMENTUM)
-  xent = _impl.op("softmax_cross_entropy", impl)
+  xent = _impl.op("softmax_cross_entropy_with_integer_labels", impl)
 
   def loss_fn(params, state, x, y, key):
     logits, state = model.apply(params, state, x, key=key, train=True, impl=impl)
-    return xent(logits, y), state
+    return jnp.mean(xent(logits, y)), state
 
   def step(params, state, opt_state, x, y, key):
     (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y, key)

@@ -10,6 +10,9 @@ from jlayers.conv import conv2d_reference as conv2d
 from jlayers.dropout import dropout_reference as dropout
 from jlayers.linear import linear_reference as linear
 from jlayers.loss import softmax_cross_entropy_reference as softmax_cross_entropy
+from jlayers.loss import (
+    softmax_cross_entropy_with_integer_labels_reference as
+    softmax_cross_entropy_with_integer_labels)
 from jlayers.pool import avg_pool2d_reference as avg_pool2d
 from jlayers.pool import max_pool2d_reference as max_pool2d
 
@@ -23,4 +26,5 @@ __all__ = [
     "max_pool2d",
     "relu",
     "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
 ]

@@ -1,7 +1,7 @@
 """Grid for ``relu``: shapes of several ranks, values kept off the kink (it has its own test)."""
 
 from jlayers.activation import relu, relu_reference
-from jlayers.registry import MESH_BATCH, Case, OpSpec, away_from_zero
+from jlayers.testing import MESH_BATCH, Case, OpSpec, away_from_zero
 
 
 def _case(shape):

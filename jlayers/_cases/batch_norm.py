@@ -4,7 +4,7 @@ import jax.numpy as jnp
 
 from jlayers.batch_norm import (batch_norm, batch_norm_inference, batch_norm_inference_reference,
                                 batch_norm_reference)
-from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
+from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
 
 # (x shape, feature axis)
 _LAYOUTS = (((6, 3), -1), ((6, 3), 0), ((2, 4, 4, 3), -1), ((2, 3, 4, 5), 1),

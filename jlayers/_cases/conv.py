@@ -7,7 +7,7 @@ with a non-square 3×2 kernel. Bias is on for half of the grid, spread over ever
 import itertools
 
 from jlayers.conv import conv2d, conv2d_reference
-from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
+from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
 
 _C = 4
 _STRIDES = (1, 2)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jlayers.dropout import dropout, dropout_reference
-from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
+from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
 
 _SHAPES = ((8,), (3, 5), (2, 4, 4, 3))
 _RATES = (0.0, 0.1, 0.5, 0.9, "array")

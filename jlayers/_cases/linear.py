@@ -3,7 +3,7 @@
 import itertools
 
 from jlayers.linear import linear, linear_reference
-from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
+from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
 
 
 def _case(lead, n_in, n_out, bias):
