@@ -49,6 +49,7 @@ class _Pool2d(Layer):
   _: dataclasses.KW_ONLY
   stride: int | tuple[int, int] | None = None
   padding: Any = "VALID"
+  ceil_mode: bool = False
   layout: str = "NHWC"
 
   def __post_init__(self):
@@ -57,6 +58,7 @@ class _Pool2d(Layer):
     if self.stride is not None:
       base.set_field(self, "stride", _checks.positive_ints(where, "stride", self.stride, 2))
     base.set_field(self, "padding", _checks.padding(where, self.padding))
+    base.set_field(self, "ceil_mode", base.flag(where, "ceil_mode", self.ceil_mode))
     _checks.layout(where, self.layout)
 
   def init(self, key, input_shape, *, dtype=jnp.float32):
@@ -64,7 +66,8 @@ class _Pool2d(Layer):
     return {}, {}
 
   def _pool_kwargs(self):
-    return {"stride": self.stride, "padding": self.padding, "layout": self.layout}
+    return {"stride": self.stride, "padding": self.padding, "ceil_mode": self.ceil_mode,
+            "layout": self.layout}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +76,18 @@ class MaxPool2d(_Pool2d):
   No params, no state."""
 
   kind: ClassVar[str] = "max_pool2d"
+  dilation: int | tuple[int, int] = dataclasses.field(default=1, kw_only=True)
+
+  def __post_init__(self):
+    super().__post_init__()
+    base.set_field(self, "dilation",
+                   _checks.positive_ints("MaxPool2d", "dilation", self.dilation, 2))
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("MaxPool2d", train, impl)
-    return _impl.op("max_pool2d", impl)(x, self.window, **self._pool_kwargs()), state
+    y = _impl.op("max_pool2d", impl)(x, self.window, dilation=self.dilation,
+                                     **self._pool_kwargs())
+    return y, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +100,8 @@ class AvgPool2d(_Pool2d):
 
   def __post_init__(self):
     super().__post_init__()
-    base.flag("AvgPool2d", "count_include_pad", self.count_include_pad)
+    base.set_field(self, "count_include_pad",
+                   base.flag("AvgPool2d", "count_include_pad", self.count_include_pad))
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("AvgPool2d", train, impl)

@@ -248,7 +248,7 @@ def test_apply_checks_impl_and_train(layer):
     (lambda: L.BatchNorm(eps=0.0), ValueError, "eps must be in"),
     (lambda: L.BatchNorm(axis=1.0), TypeError, "axis must be an int"),
     (lambda: L.BatchNorm(axis_name=["i"]), TypeError, "axis_name must be None or a hashable"),
-    (lambda: L.Dropout(1.0), ValueError, r"Dropout: rate must be in \[0.0, 1.0\)"),
+    (lambda: L.Dropout(1.5), ValueError, r"Dropout: rate must be in \[0.0, 1.0\], got 1.5"),
     (lambda: L.Dropout(-0.1), ValueError, "rate must be in"),
     (lambda: L.Dropout("0.5"), TypeError, "rate must be a float"),
     (lambda: L.Dropout(0.5, broadcast_dims=1), TypeError, "broadcast_dims must be a sequence"),

@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import jax
+import pytest
 
 import jlayers
 from jlayers import reference
@@ -75,3 +76,18 @@ def test_the_op_table_holds_every_registry_op():
   table = jlayers.registered_ops()
   for name, spec in OPS.items():
     assert table[name] == (spec.manual, spec.reference), name
+
+
+def test_saved_residuals_is_the_one_private_import_and_fails_clearly(monkeypatch):
+  import sys  # noqa: PLC0415
+
+  from jlayers import testing  # noqa: PLC0415
+
+  avals = [a.shape for a, _ in testing.saved_residuals(jlayers.relu, jax.numpy.ones(3))]
+  assert avals == [(3,)]
+  monkeypatch.setitem(sys.modules, "jax._src.ad_checkpoint", None)  # as if it had moved
+  with pytest.raises(RuntimeError, match="has no jax._src.ad_checkpoint.saved_residuals; use "
+                                         "jax.ad_checkpoint.print_saved_residuals"):
+    testing.saved_residuals(jlayers.relu, jax.numpy.ones(3))
+  sources = [p for p in (ROOT / "jlayers").rglob("*.py") if "jax._src" in p.read_text()]
+  assert [p.name for p in sources] == ["testing.py"]

@@ -1,5 +1,6 @@
-"""Pooling beyond the generic registry tests: ties, overlap, golden values, divisors, residuals
-and argument errors."""
+"""Pooling beyond the generic registry tests: ties, overlap, golden values, divisors, dilation
+and ``ceil_mode`` (output sizes as PyTorch computes them), residuals, layers and argument
+errors."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,8 @@ import numpy as np
 import pytest
 
 import jlayers
-from jax._src.ad_checkpoint import saved_residuals
-
 from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
+from jlayers.testing import saved_residuals
 
 # 4x4 input with distinct window maxima; the 2x2 blocks are [[1,3],[4,0]], [[2,0],[1,6]],
 # [[2,2],[0,5]], [[9,1],[3,3]].
@@ -149,11 +149,168 @@ def test_views_that_lie_wholly_in_the_padding_match_autodiff(op, ref, extra):
     np.testing.assert_allclose(_grad(op, x, cot, **kw), _grad(ref, x, cot, **kw), rtol=1e-12)
 
 
+# -------------------------------------------------------------------- dilation and ceil_mode
+
+FORMULATIONS = ["cpu", "native"]
+
+# (n, k, s, p, d, floor size, ceil_mode size): torch.nn.functional.max_pool2d(x, k, s, p, d,
+# ceil_mode) on n x n inputs, PyTorch 2.13. ceil_mode drops the extra window where it would start
+# in the high padding: (5, 2, 3, 1, 1), (7, 2, 4, 1, 1) and (4, 2, 3, 1, 1).
+TORCH_SIZES = [(5, 2, 2, 0, 1, 2, 3), (5, 2, 3, 1, 1, 2, 2), (6, 3, 2, 1, 1, 3, 4),
+               (7, 3, 2, 1, 2, 3, 3), (8, 2, 3, 0, 2, 2, 3), (9, 3, 3, 1, 3, 2, 3),
+               (10, 3, 4, 1, 2, 2, 3), (6, 2, 1, 0, 3, 3, 3), (7, 2, 4, 1, 1, 2, 2),
+               (11, 3, 5, 1, 2, 2, 3), (4, 2, 3, 1, 1, 2, 2), (12, 4, 3, 2, 2, 4, 4)]
+
+
+@pytest.mark.parametrize("n, k, s, p, d, floor_size, ceil_size", TORCH_SIZES)
+def test_output_sizes_follow_pytorch(n, k, s, p, d, floor_size, ceil_size):
+  x = jax.ShapeDtypeStruct((1, n, n + 1, 2), jnp.float32)
+  ops = [max_pool2d, max_pool2d_reference] + ([avg_pool2d, avg_pool2d_reference] if d == 1 else [])
+  for op in ops:
+    dilation = {"dilation": d} if d != 1 else {}
+    for ceil_mode, size in ((False, floor_size), (True, ceil_size)):
+      shape = jax.eval_shape(lambda x: op(x, (k, 1), stride=(s, 1), padding=((p, p), (0, 0)),
+                                          ceil_mode=ceil_mode, **dilation), x).shape
+      assert shape == (1, size, n + 1, 2), (op.__name__, ceil_mode)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_dilated_max_pool_golden_4x4(formulation):
+  """Window 2, dilation 2, stride 1: window (i, j) holds x[i, j], x[i, j+2], x[i+2, j], x[i+2,
+  j+2], so the outputs are max(1, 2, 2, 9), max(3, 0, 2, 1), max(4, 1, 0, 3), max(0, 6, 5, 3)."""
+  x, kw = _nhwc(X4), dict(window=2, stride=1, dilation=2)
+  with jlayers.formulation(formulation):
+    np.testing.assert_array_equal(max_pool2d(x, **kw)[0, :, :, 0], [[9., 3.], [4., 6.]])
+    g = _grad(max_pool2d, x, _nhwc([[1., 2.], [3., 4.]]), **kw)
+  expected = np.zeros((4, 4))
+  expected[2, 2], expected[0, 1], expected[1, 0], expected[1, 3] = 1., 2., 3., 4.
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+  np.testing.assert_array_equal(
+      g, _grad(max_pool2d_reference, x, _nhwc([[1., 2.], [3., 4.]]), **kw))
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_dilated_max_pool_ties_go_to_the_first_element_of_each_window(formulation):
+  """All equal: each window's first element (its top-left) takes its gradient, once."""
+  x = jnp.zeros((1, 5, 6, 1), jnp.float32)
+  kw = dict(window=2, stride=1, dilation=(2, 3))
+  with jlayers.formulation(formulation):
+    g = _grad(max_pool2d, x, **kw)
+  expected = np.zeros((5, 6))
+  expected[:3, :3] = 1.0  # 3 x 3 windows starting at (i, j)
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+  np.testing.assert_array_equal(g, _grad(max_pool2d_reference, x, **kw))
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("kw", [
+    dict(window=3, stride=1, dilation=2, padding="SAME", ceil_mode=True),
+    dict(window=(2, 3), stride=(3, 2), dilation=(2, 3), padding=((1, 1), (2, 0)), ceil_mode=True,
+         layout="NCHW"),
+    dict(window=2, stride=3, dilation=3, padding=1)], ids=["overlapping", "strided", "disjoint"])
+def test_dilated_max_pool_ties_match_autodiff(kw, formulation):
+  x = jnp.asarray(np.random.default_rng(5).integers(0, 3, (2, 3, 9, 8)), jnp.float32)
+  with jlayers.formulation(formulation):
+    y, g = max_pool2d(x, **kw), _grad(max_pool2d, x, **kw)
+  np.testing.assert_array_equal(y, max_pool2d_reference(x, **kw))
+  np.testing.assert_array_equal(g, _grad(max_pool2d_reference, x, **kw))
+  assert float(jnp.sum(g)) == y.size  # every output's gradient lands exactly once
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_max_pool_ceil_mode_golden_5x5(formulation):
+  """Window 2 on 5 x 5: ceil_mode adds a third row and column of windows, holding the last row
+  and column (and the corner alone)."""
+  x = _nhwc(np.arange(25.0).reshape(5, 5))
+  with jlayers.formulation(formulation):
+    y = max_pool2d(x, 2, ceil_mode=True)
+    g = _grad(max_pool2d, x, window=2, ceil_mode=True)
+  np.testing.assert_array_equal(y[0, :, :, 0], [[6., 8., 9.], [16., 18., 19.], [21., 23., 24.]])
+  expected = np.zeros((5, 5))
+  expected[np.ix_([1, 3, 4], [1, 3, 4])] = 1.0
+  np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], expected)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_avg_pool_ceil_mode_divisors_follow_pytorch(formulation):
+  """6 x 6 input, window 3, stride 2, padding 1, ceil_mode: windows start at rows -1, 1, 3, 5,
+  the last one reaching row 7, past the padding row 6. Per axis, count_include_pad=True counts
+  the rows in [-1, 7) (3, 3, 3, 2), False those in [0, 6) (2, 3, 3, 1); the divisor is the
+  product. Values as torch.nn.functional.avg_pool2d gives them."""
+  x = _nhwc(np.arange(36.0).reshape(6, 6))
+  sums = np.array([[14., 30., 42., 16.], [75., 126., 144., 51.], [147., 234., 252., 87.],
+                   [61., 96., 102., 35.]])  # window sums of the zero-padded input
+  kw = dict(window=3, stride=2, padding=1, ceil_mode=True)
+  for include, per_axis, grad_per_axis in (
+      (True, [3, 3, 3, 2], [1 / 3, 2 / 3, 1 / 3, 2 / 3, 1 / 3, 1 / 3 + 1 / 2]),
+      (False, [2, 3, 3, 1], [1 / 2, 1 / 2 + 1 / 3, 1 / 3, 2 / 3, 1 / 3, 1 / 3 + 1])):
+    with jlayers.formulation(formulation):
+      y = avg_pool2d(x, count_include_pad=include, **kw)
+      g = _grad(avg_pool2d, x, count_include_pad=include, **kw)
+    np.testing.assert_allclose(y[0, :, :, 0], sums / np.outer(per_axis, per_axis), rtol=1e-6)
+    # Each input collects 1 / divisor from every window holding it (separable per axis).
+    np.testing.assert_allclose(np.asarray(g)[0, :, :, 0], np.outer(grad_per_axis, grad_per_axis),
+                               rtol=1e-6)
+    np.testing.assert_allclose(avg_pool2d_reference(x, count_include_pad=include, **kw), y,
+                               rtol=1e-6)
+  # The corner window holds x[5, 5] = 35, one padding row and column and the ceil_mode extras.
+  np.testing.assert_allclose(avg_pool2d(x, **kw)[0, 3, 3, 0], 35 / 4, rtol=1e-6)
+  np.testing.assert_allclose(avg_pool2d(x, count_include_pad=False, **kw)[0, 3, 3, 0], 35.0)
+
+
+def test_dilated_windows_of_more_than_max_views_offsets_take_the_native_formulation():
+  x = jnp.asarray(np.random.default_rng(7).permutation(13 * 23).reshape(1, 13, 23, 1),
+                  jnp.float32)
+  # 110 offsets; along W a span of 19 at stride 3 on 23 columns: 3 windows with ceil_mode.
+  kw = dict(window=(11, 10), stride=(1, 3), dilation=(1, 2), ceil_mode=True)
+  with jlayers.formulation("cpu"):
+    (res, why), = saved_residuals(lambda x: max_pool2d(x, **kw), x)
+  assert res.shape == x.shape and why.startswith("from the argument")
+  g = jax.jit(lambda x: _grad(max_pool2d, x, **kw))(x)
+  assert g.shape == x.shape and float(jnp.sum(g)) == 3 * 3
+  np.testing.assert_array_equal(g, jax.jit(lambda x: _grad(max_pool2d_reference, x, **kw))(x))
+
+
+@pytest.mark.parametrize("impl", ["manual", "autodiff"])
+def test_pool_layers_take_dilation_and_ceil_mode(impl):
+  x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3)
+  layer = jlayers.MaxPool2d(2, dilation=(2, 3), ceil_mode=True)
+  assert (layer.dilation, layer.ceil_mode) == ((2, 3), True)
+  assert layer.output_shape(x.shape) == (2, 2, 3, 3)  # (2, 2, 2, 3) without ceil_mode
+  y, state = layer.apply({}, {}, x, impl=impl)
+  assert state == {}
+  np.testing.assert_array_equal(y, max_pool2d(x, 2, dilation=(2, 3), ceil_mode=True))
+  layer = jlayers.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False,
+                            layout="NCHW")
+  assert layer.output_shape((2, 3, 6, 6)) == (2, 3, 4, 4)  # (2, 3, 3, 3) without ceil_mode
+  x = x.reshape(2, 3, 7, 5)
+  y, _ = layer.apply({}, {}, x, impl=impl)
+  np.testing.assert_allclose(y, avg_pool2d(x, 3, stride=2, padding=1, ceil_mode=True,
+                                           count_include_pad=False, layout="NCHW"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: jlayers.MaxPool2d(2, dilation=0), ValueError,
+     r"MaxPool2d: dilation must be positive, got \(0, 0\)"),
+    (lambda: jlayers.MaxPool2d(2, dilation=(1, 2, 3)), TypeError,
+     "MaxPool2d: dilation must be an int or a sequence of 2 ints"),
+    (lambda: jlayers.MaxPool2d(2, ceil_mode=1), TypeError,
+     "MaxPool2d: ceil_mode must be a bool, got int"),
+    (lambda: jlayers.AvgPool2d(2, ceil_mode="yes"), TypeError,
+     "AvgPool2d: ceil_mode must be a bool, got str"),
+    (lambda: jlayers.AvgPool2d(2, dilation=2), TypeError, "unexpected keyword argument 'dilation'"),
+])
+def test_pool_layer_bad_dilation_and_ceil_mode(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
 # ---------------------------------------------------------------------------------- residuals
 
 
 @pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
-                                dict(window=(2, 3), stride=2, layout="NCHW")])
+                                dict(window=(2, 3), stride=2, layout="NCHW"),
+                                dict(window=2, stride=1, dilation=(2, 3), ceil_mode=True)])
 def test_max_pool_saves_one_int8_array_of_the_output_shape_on_cpu_and_x_natively(kw):
   x = jnp.ones((2, 6, 7, 3), jnp.float32)
   with jlayers.formulation("cpu"):
@@ -167,7 +324,8 @@ def test_max_pool_saves_one_int8_array_of_the_output_shape_on_cpu_and_x_natively
 
 @pytest.mark.parametrize("formulation", ["cpu", "native"])
 @pytest.mark.parametrize("kw", [dict(window=2), dict(window=3, stride=1, padding="SAME"),
-                                dict(window=3, padding=1, count_include_pad=False)])
+                                dict(window=3, padding=1, count_include_pad=False),
+                                dict(window=3, stride=2, padding=1, ceil_mode=True)])
 def test_avg_pool_saves_nothing(kw, formulation):
   x = jnp.ones((2, 6, 7, 3), jnp.float32)
   with jlayers.formulation(formulation):
@@ -229,6 +387,61 @@ def test_bad_arguments_raise_at_trace_time(op, jit, x, kw, error, match):
     else:
       op(x, **kw)
   assert str(info.value).startswith(f"{name}: ")
+
+
+MAX_BAD = [pytest.param(*case, id=case_id) for case_id, *case in [
+    ("dilation-0", X, dict(dilation=0), ValueError, r"dilation must be positive, got \(0, 0\)"),
+    ("dilation-neg", X, dict(dilation=(1, -2)), ValueError,
+     r"dilation must be positive, got \(1, -2\)"),
+    ("dilation-float", X, dict(dilation=1.5), TypeError,
+     "dilation must be an int or a sequence of 2 ints, got 1.5"),
+    ("dilated-window-too-big", X, dict(window=3, dilation=3), ValueError,
+     r"dilated window \(7, 7\) \(window \(3, 3\), dilation \(3, 3\)\) is larger than the "
+     r"padded input \(5, 5\)"),
+    ("dilated-window-too-big-padded", X, dict(window=3, dilation=(3, 1),
+                                              padding=((1, 0), (0, 0))), ValueError,
+     r"dilated window \(7, 3\) .* is larger than the padded input \(6, 5\)"),
+    ("padding-ge-dilated-window", X, dict(dilation=2, padding=((3, 0), (0, 0))), ValueError,
+     r"padding must be smaller than the dilated window \(3, 3\) \(window \(2, 2\), "
+     r"dilation \(2, 2\)\) on every side"),
+    ("window-on-padding-only", jnp.ones((2, 1, 4, 3), jnp.float32),
+     dict(window=(2, 1), dilation=(2, 1), padding=((1, 1), (0, 0))), ValueError,
+     r"every window must cover an input element, but the dilated window \(3, 1\) .* of output H "
+     r"index 0 covers only padding"),
+    # Along W (2 inputs, 3 padding below): window 0 holds -3 and 0; ceil_mode adds window 1,
+    # holding -1 and 2, both outside the input.
+    ("ceil-window-on-padding-only", jnp.ones((2, 4, 2, 3), jnp.float32),
+     dict(window=(1, 2), stride=(1, 2), dilation=(1, 3), padding=((0, 0), (3, 0)),
+          ceil_mode=True), ValueError, "of output W index 1 covers only padding"),
+]]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("op", [max_pool2d, max_pool2d_reference], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("x, kw, error, match", MAX_BAD)
+def test_bad_dilation_raises_at_trace_time(op, jit, x, kw, error, match):
+  kw = {"window": 2, **kw}
+  with pytest.raises(error, match=match) as info:
+    if jit:
+      jax.jit(lambda x: op(x, **kw))(x)
+    else:
+      op(x, **kw)
+  assert str(info.value).startswith("max_pool2d: ")
+
+
+@pytest.mark.parametrize("op", [avg_pool2d, avg_pool2d_reference], ids=lambda f: f.__name__)
+def test_avg_pool_takes_no_dilation(op):
+  with pytest.raises(TypeError, match="unexpected keyword argument 'dilation'"):
+    jax.jit(lambda x: op(x, 2, dilation=2))(X)
+
+
+@pytest.mark.parametrize("op", [max_pool2d, avg_pool2d, max_pool2d_reference,
+                                avg_pool2d_reference], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("value", [1, "True", None, np.bool_(True)])
+def test_ceil_mode_must_be_a_bool(op, value):
+  name = op.__name__.removesuffix("_reference")
+  with pytest.raises(TypeError, match=f"{name}: ceil_mode must be a bool, got {value!r}"):
+    jax.jit(lambda x: op(x, 2, ceil_mode=value))(X)
 
 
 def test_count_include_pad_must_be_a_bool():

@@ -1,6 +1,8 @@
 """Grids for ``max_pool2d`` and ``avg_pool2d``: window × stride × padding (27 cases each), plus
 ``int`` padding and strides beyond the window; for the average also ``count_include_pad=False``
-on cases whose windows reach into the padding (31 and 37 cases).
+on cases whose windows reach into the padding; ``ceil_mode`` with and without padding (for the
+average with both divisors) and, for the maximum, dilated windows: overlapping, disjoint, with
+one phase or several per axis (see ``jlayers.pool._max_by_phases``) (38 and 42 cases).
 
 Tiny shapes: batch 2, 3 channels, spatial sizes cycling through 5×6, 6×7, 7×5 (odd and even),
 layout alternating NHWC / NCHW. Max-pool inputs are distinct values at least ``2 / size``
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
-from jlayers.registry import MESH_BATCH, Case, OpSpec, normal
+from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
 
 _C = 3
 _WINDOWS = (("w2", 2), ("w3", 3), ("w2x3", (2, 3)))
@@ -34,7 +36,12 @@ def distinct(rng: np.random.Generator, shape, dtype):
 def _case(draw, window, stride, padding, size, layout, batch=2, **extra):
   (w_id, w), (s_id, s), (p_id, p), (h, wd) = window, stride, padding, size
   shape = (batch, h, wd, _C) if layout == "NHWC" else (batch, _C, h, wd)
-  suffix = "-nopadcount" if extra.get("count_include_pad") is False else ""
+  dilation = extra.get("dilation", 1)
+  suffix = "".join((
+      f"-d{'x'.join(map(str, dilation)) if isinstance(dilation, tuple) else dilation}"
+      if dilation != 1 else "",
+      "-ceil" if extra.get("ceil_mode") else "",
+      "-nopadcount" if extra.get("count_include_pad") is False else ""))
   case_id = f"{w_id}-{s_id}-{p_id}-{layout.lower()}-{h}x{wd}{suffix}"
   if batch != 2:
     case_id = f"batch{batch}-{case_id}"
@@ -62,6 +69,31 @@ _NO_PAD_COUNT = (  # count_include_pad=False on cases whose windows reach into t
 )
 
 
+_CEIL = (  # ceil_mode: sizes where rounding up adds a window, with and without padding
+    (_WINDOWS[0], _STRIDES[0], _PADDINGS[0], (5, 7), "NHWC"),
+    (_WINDOWS[1], _STRIDES[2], ("pad1", 1), (6, 6), "NCHW"),
+    (_WINDOWS[2], _STRIDES[2], _PADDINGS[2], (6, 6), "NHWC"),
+)
+
+_DILATED = (  # max_pool2d only: one phase or several per axis, overlapping or disjoint windows
+    (_WINDOWS[0], _STRIDES[1], _PADDINGS[0], (6, 7), "NHWC", dict(dilation=2)),
+    (_WINDOWS[1], _STRIDES[2], _PADDINGS[1], (7, 6), "NCHW", dict(dilation=(2, 3))),
+    (_WINDOWS[0], ("s3", 3), _PADDINGS[2], (7, 8), "NCHW", dict(dilation=2)),  # disjoint
+    (_WINDOWS[2], _STRIDES[0], _PADDINGS[2], (7, 8), "NHWC", dict(dilation=(3, 2),
+                                                                  ceil_mode=True)),
+)
+
+
+def _ceil_and_dilated(draw, *, dilated: bool, **extra):
+  for window, stride, padding, size, layout in _CEIL:
+    if padding[1] == "VALID" and extra.get("count_include_pad") is False:
+      continue  # without padding, both divisors count the same elements
+    yield _case(draw, window, stride, padding, size, layout, ceil_mode=True, **extra)
+  if dilated:
+    for *c, kwargs in _DILATED:
+      yield _case(draw, *c, **kwargs)
+
+
 def _mesh(draw):
   return (_case(draw, _WINDOWS[0], _STRIDES[0], _PADDINGS[0], (6, 6), "NHWC", batch=MESH_BATCH),
           _case(draw, _WINDOWS[1], _STRIDES[1], _PADDINGS[1], (5, 6), "NCHW", batch=MESH_BATCH))
@@ -76,17 +108,23 @@ def _bench(draw):
 
 SPECS = [
     OpSpec(
-        "max_pool2d", max_pool2d, max_pool2d_reference, tuple(_grid(distinct)),
-        representative=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5"),
+        "max_pool2d", max_pool2d, max_pool2d_reference,
+        (*_grid(distinct), *_ceil_and_dilated(distinct, dilated=True)),
+        representative=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5",
+                        "w2x3-sw-asym-nhwc-7x8-d3x2-ceil"),
         bench=_bench(distinct),
-        mesh=_mesh(distinct),
+        mesh=(*_mesh(distinct),  # and dilated in several phases per axis, with ceil_mode
+              _case(distinct, *_DILATED[-1][:-1], batch=MESH_BATCH, **_DILATED[-1][-1])),
         platform_dependent=True,
     ),
     OpSpec(
         "avg_pool2d", avg_pool2d, avg_pool2d_reference,
         (*_grid(normal),
-         *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT)),
-        representative=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5"),
+         *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT),
+         *_ceil_and_dilated(normal, dilated=False),
+         *_ceil_and_dilated(normal, dilated=False, count_include_pad=False)),
+        representative=("w3-s2-same-nchw-6x7-nopadcount", "w2x3-sw-asym-nhwc-7x5",
+                        "w3-s2-pad1-nchw-6x6-ceil"),
         bench=_bench(normal),
         mesh=_mesh(normal),
         platform_dependent=True,
