@@ -288,29 +288,38 @@ def check_rule(manual: Callable[..., Any], reference: Callable[..., Any], *args,
 
 
 def check_case(spec: OpSpec, case: Case, *, rtol: float = 1e-10, vmap: bool = True,
-               dtypes: bool = True, seed: int = 0, raises: bool = True) -> RuleReport:
+               dtypes: bool = True, seed: int = 0, raises: bool = True,
+               formulations: tuple[str, ...] = ("auto",)) -> RuleReport:
   """:func:`check_rule` on one case of a grid: its arguments built in float64 (and, for the
-  dtype check, in float32)."""
+  dtype check, in float32). With several ``formulations`` (see :func:`jlayers.formulation`)
+  the manual rule is traced in each and compared with one evaluation of the twin; the report
+  holds the worst of them."""
   args = case.make(np.random.default_rng(seed), jnp.float32)
   case = dataclasses.replace(case, id=f"{spec.name}[{case.id}]")
   return _check(spec.manual, spec.reference, case, args, rtol=rtol, vmap=vmap, dtypes=dtypes,
-                seed=seed, raises=raises, make64=True)
+                seed=seed, raises=raises, make64=True, formulations=formulations)
 
 
-def _check(manual, reference, case, args, *, rtol, vmap, dtypes, seed, raises, make64=False):
+def _check(manual, reference, case, args, *, rtol, vmap, dtypes, seed, raises, make64=False,
+           formulations=("auto",)):
+  from jlayers._platform import formulation  # noqa: PLC0415  (the package imports this module)
+
   rng = np.random.default_rng(seed + 1)
   with jax.enable_x64(True):
     args64 = case.make(np.random.default_rng(seed), jnp.float64) if make64 else _float64(args)
     primals = tuple(args64[i] for i in case.diff)
     out_shape = jax.eval_shape(restrict(reference, case, args64), *primals)
     cot = random_like(rng, out_shape)
-    out_m, g_m = _vjp_runner(manual, case, True)(args64, primals, cot)
     out_r, g_r = _vjp_runner(reference, case, True)(args64, primals, cot)
-    forward = _worst(out_m, out_r)[1]
-    grads = {i: _worst(a, b)[1] for i, a, b in zip(case.diff, g_m, g_r)}
-    wrong64 = tuple(f"float64 gradient of argument {i} is {g.dtype}{list(g.shape)}"
-                    for i, p, g in zip(case.diff, primals, g_m)
-                    if g.dtype != p.dtype or g.shape != p.shape)
+    forward, grads, wrong64 = 0.0, dict.fromkeys(case.diff, 0.0), ()
+    for name in formulations:
+      with formulation(name):
+        out_m, g_m = _vjp_runner(manual, case, True)(args64, primals, cot)
+      forward = max(forward, _worst(out_m, out_r)[1])
+      grads = {i: max(grads[i], _worst(a, b)[1]) for i, a, b in zip(case.diff, g_m, g_r)}
+      wrong64 += tuple(f"float64 gradient of argument {i} is {g.dtype}{list(g.shape)}"
+                       for i, p, g in zip(case.diff, primals, g_m)
+                       if g.dtype != p.dtype or g.shape != p.shape)
     vmap_err = _vmap_error(manual, reference, case, args64, primals, cot, rng) if vmap else None
   problems = wrong64 + (_dtype_problems(manual, case, args) if dtypes else ())
   report = RuleReport(case.id, forward, grads, vmap_err, problems, rtol)

@@ -59,8 +59,9 @@ def test_one_compile_serves_every_traced_rate():
 
 def test_traced_rate_outside_range_gives_nan_and_rate_gets_no_gradient():
   f = jax.jit(lambda x, r: jlayers.dropout(x, KEY, rate=r))
-  assert bool(jnp.all(jnp.isnan(f(jnp.ones(4), jnp.float32(1.0)))))
+  assert bool(jnp.all(jnp.isnan(f(jnp.ones(4), jnp.float32(1.5)))))
   assert bool(jnp.all(jnp.isnan(f(jnp.ones(4), jnp.float32(-0.5)))))
+  np.testing.assert_array_equal(f(jnp.ones(4), jnp.float32(1.0)), np.zeros(4))  # all dropped
   d_rate = jax.grad(lambda r: jnp.sum(jlayers.dropout(jnp.ones(8), KEY, rate=r)))(jnp.float32(0.5))
   assert float(d_rate) == 0.0
 
@@ -73,16 +74,18 @@ def test_saves_a_boolean_mask_of_the_mask_shape():
 
 
 BAD = [
-    ("rate one", ValueError, r"dropout: rate is the probability of dropping and must be in \[0, 1\), got 1.0",
-     {"rate": 1.0}, None),
-    ("rate negative", ValueError, r"must be in \[0, 1\), got -0.1", {"rate": -0.1}, None),
+    ("rate above one", ValueError,
+     r"dropout: rate is the probability of dropping and must be in \[0, 1\], got 1.5",
+     {"rate": 1.5}, None),
+    ("rate negative", ValueError, r"must be in \[0, 1\], got -0.1", {"rate": -0.1}, None),
     ("rate string", TypeError, "dropout: rate must be a float or a scalar float array, got str",
      {"rate": "0.5"}, None),
     ("rate vector", TypeError, r"dropout: rate must be a scalar float array, got float32\[2\]",
      {"rate": jnp.ones(2) * 0.5}, None),
     ("int key", TypeError, r"key must be a typed key .* got int32\[2\]", {"rate": 0.5},
      jnp.zeros(2, jnp.int32)),
-    ("raw key shape", TypeError, r"raw uint32\[2\] key .* got uint32\[3\]", {"rate": 0.5},
+    ("raw key shape", TypeError, r"raw uint32\[2\] or uint32\[4\] key .* got uint32\[3\]",
+     {"rate": 0.5},
      jnp.zeros(3, jnp.uint32)),
     ("batch of keys", ValueError, r"dropout: key must be a single key, got a key array of shape \(2,\)",
      {"rate": 0.5}, jax.random.split(KEY)),

@@ -39,9 +39,12 @@ def test_forward_mode_raises_for_the_rule_and_works_for_the_twin(spec, case):
   twin, i.e. ``impl="autodiff"``, supports forward mode."""
   args, primals = _args(spec, case)
   tangents = tuple(jnp.ones_like(p) for p in primals)
+  manual, twin = (testing.restrict(fn, case, args) for fn in (spec.manual, spec.reference))
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-    jax.jvp(testing.restrict(spec.manual, case, args), primals, tangents)
-  out, _ = jax.jvp(testing.restrict(spec.reference, case, args), primals, tangents)
+    jax.jvp(manual, primals, tangents)
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
+    jax.jacfwd(manual)(*primals)
+  out, _ = jax.jvp(twin, primals, tangents)
   assert jax.tree_util.tree_leaves(out)
 
 
