@@ -20,8 +20,8 @@ REL_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def report():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
                         timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-4000:]
