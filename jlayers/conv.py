@@ -309,9 +309,11 @@ def _dw_patches(x, g, kernel, pads, chunk, config):
   """dW as ``Σ_chunks Pᵀ G`` with ``P`` the patches of the padded ``x`` (see the bwd).
 
   With the batch split over ``parts`` devices, ``x`` and ``G`` are viewed as
-  ``[steps, parts, chunk, ...]`` (each device's images zero-padded to ``steps · chunk``): the
-  loop runs over the unsplit ``steps`` axis, ``parts`` is a batch dimension of the products,
-  and the ``parts`` weight-sized accumulators are summed once at the end.
+  ``[steps, parts, chunk, ...]``: the loop runs over the unsplit ``steps`` axis, ``parts`` is
+  a batch dimension of the products, and the ``parts`` weight-sized accumulators are summed
+  once at the end. When ``chunk`` does not divide a device's ``local`` images, step ``i``
+  reads the chunk at ``min(i · chunk, local − chunk)`` instead (a slice inside the loop, no
+  padded copy of x or G) and zeroes the cotangent of the images an earlier step has counted.
   """
   stride, _, dilation, groups, layout, _, precision = config
   nchw = layout == "NCHW"
@@ -325,26 +327,41 @@ def _dw_patches(x, g, kernel, pads, chunk, config):
   local = x.shape[0] // parts
   steps = -(-local // chunk)
 
+  def per_device(a):
+    """``[N, ...]`` as ``[*lead, local, ...]`` (free: the batch is split device-major)."""
+    if not lead:
+      return a
+    rest = a.shape[1:]
+    a = a.reshape(parts, local, *rest,
+                  out_sharding=P(names, *(None,) * (len(rest) + 1)) if explicit else None)
+    return _sharding.constrain(a, (names,))
+
   def batches(a):
     """``[N, ...]`` as the scanned ``[steps, *lead, chunk, ...]`` (``[N, ...]`` for unit
     chunks on one device: a unit chunk axis would make XLA copy x and G to another layout)."""
-    rest = a.shape[1:]
-    if lead:
-      a = a.reshape(parts, local, *rest,
-                    out_sharding=P(names, *(None,) * (len(rest) + 1)) if explicit else None)
-    if steps * chunk > local:
-      a = lax.pad(a, jnp.zeros((), a.dtype),
-                  [(0, 0, 0)] * nl + [(0, steps * chunk - local, 0)] + [(0, 0, 0)] * len(rest))
+    a = per_device(a)
     if chunk == 1 and not lead:
       return a
-    a = a.reshape(*lead, steps, chunk, *rest)
+    a = a.reshape(*lead, steps, chunk, *a.shape[nl + 1:])
     if lead:
       a = _sharding.constrain(jnp.moveaxis(a, 1, 0), (None, names))
     return a
 
+  def chunk_at(a, i):
+    """Step ``i``'s chunk of ``[*lead, local, ...]`` when ``chunk`` does not divide ``local``,
+    and the weights (0 or 1) of its images: the last chunk overlaps the one before it."""
+    start = jnp.minimum(i * chunk, local - chunk)
+    counted = (start + lax.iota(jnp.int32, chunk) >= i * chunk).astype(a.dtype)
+    return (lax.dynamic_slice_in_dim(a, start, chunk, axis=nl),
+            counted.reshape((1,) * nl + (chunk,) + (1,) * (a.ndim - nl - 1)))
+
   def step(total, xg):
-    xc = xg[0].reshape(*lead, chunk, *x.shape[1:])
-    gc = xg[1].reshape(*lead, chunk, *g.shape[1:])
+    if steps * chunk > local:
+      (xc, _), (gc, counted) = chunk_at(xg[0], xg[2]), chunk_at(xg[1], xg[2])
+      gc = gc * counted
+    else:
+      xc = xg[0].reshape(*lead, chunk, *x.shape[1:])
+      gc = xg[1].reshape(*lead, chunk, *g.shape[1:])
     if nchw:
       to_nhwc = (*range(nl), nl, nl + 2, nl + 3, nl + 1)
       xc, gc = xc.transpose(to_nhwc), gc.transpose(to_nhwc)
@@ -367,7 +384,12 @@ def _dw_patches(x, g, kernel, pads, chunk, config):
     total = jnp.zeros(shape, acc_dtype, out_sharding=P(names))
   else:
     total = _sharding.constrain(jnp.zeros(shape, acc_dtype), (names,) if lead else ())
-  total, _ = lax.scan(step, total, (batches(x), batches(g)))
+  if steps * chunk > local:
+    xl, gl = per_device(x), per_device(g)
+    total, _ = lax.scan(lambda t, i: step(t, (xl, gl, i)), total,
+                        jnp.arange(steps, dtype=jnp.int32))
+  else:
+    total, _ = lax.scan(step, total, (batches(x), batches(g)))
   if lead:
     total = jnp.sum(total, axis=0)
   dw = total.transpose(1, 2, 0, 3).reshape(*kernel, c // groups, o)  # HWIO
