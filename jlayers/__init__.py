@@ -22,7 +22,7 @@ from jlayers.pool import avg_pool2d, max_pool2d
 
 from jlayers._impl import op, register_op, registered_ops
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 for _name, _manual, _reference in (
     ("linear", linear, reference.linear),
