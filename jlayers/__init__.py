@@ -8,12 +8,12 @@ signature in :mod:`jlayers.reference`; the test suite proves the two agree. Laye
 
 from jlayers import reference, testing
 from jlayers._platform import formulation
-from jlayers.activation import relu
+from jlayers.activation import gelu, relu, silu
 from jlayers.batch_norm import batch_norm, batch_norm_inference
 from jlayers.conv import conv2d
 from jlayers.dropout import dropout
 from jlayers.layers import (AvgPool2d, BatchNorm, Conv2d, Dropout, Flatten, Layer, Linear,
-                            MaxPool2d, ReLU)
+                            MaxPool2d, ReLU, GELU, SiLU)
 from jlayers.linear import linear
 from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jlayers.models import (Composite, Residual, Scope, Sequential, grad_differences,
@@ -27,6 +27,8 @@ __version__ = "0.2.0"
 for _name, _manual, _reference in (
     ("linear", linear, reference.linear),
     ("relu", relu, reference.relu),
+    ("gelu", gelu, reference.gelu),
+    ("silu", silu, reference.silu),
     ("dropout", dropout, reference.dropout),
     ("batch_norm", batch_norm, reference.batch_norm),
     ("batch_norm_inference", batch_norm_inference, reference.batch_norm_inference),
@@ -47,9 +49,11 @@ __all__ = [
     "batch_norm_inference",
     "conv2d",
     "dropout",
+    "gelu",
     "linear",
     "max_pool2d",
     "relu",
+    "silu",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     # autodiff twins
@@ -69,6 +73,7 @@ __all__ = [
     "Conv2d",
     "Dropout",
     "Flatten",
+    "GELU",
     "Layer",
     "Linear",
     "MaxPool2d",
@@ -76,6 +81,7 @@ __all__ = [
     "Residual",
     "Scope",
     "Sequential",
+    "SiLU",
     "grad_differences",
     "max_grad_difference",
 ]

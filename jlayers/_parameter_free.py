@@ -27,6 +27,33 @@ class ReLU(Layer):
 
 
 @dataclasses.dataclass(frozen=True)
+class GELU(Layer):
+  """Elementwise GELU, see :func:`jlayers.gelu`: the tanh form by default (``jax.nn.gelu``'s),
+  the exact erf form with ``approximate=False`` (PyTorch's). No params, no state."""
+
+  kind: ClassVar[str] = "gelu"
+  approximate: bool = True
+
+  def __post_init__(self):
+    base.flag("GELU", "approximate", self.approximate)
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("GELU", train, impl)
+    return _impl.op("gelu", impl)(x, approximate=self.approximate), state
+
+
+@dataclasses.dataclass(frozen=True)
+class SiLU(Layer):
+  """Elementwise ``x σ(x)``, see :func:`jlayers.silu`. No params, no state."""
+
+  kind: ClassVar[str] = "silu"
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("SiLU", train, impl)
+    return _impl.op("silu", impl)(x), state
+
+
+@dataclasses.dataclass(frozen=True)
 class Flatten(Layer):
   """Reshapes ``float[N, ...]`` to ``float[N, prod(...)]``, keeping the leading batch axis."""
 

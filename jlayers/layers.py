@@ -36,13 +36,13 @@ from jlayers import _checks
 from jlayers import _impl
 from jlayers import _layer_base as base
 from jlayers._layer_base import Layer
-from jlayers._parameter_free import AvgPool2d, Flatten, MaxPool2d, ReLU
+from jlayers._parameter_free import GELU, AvgPool2d, Flatten, MaxPool2d, ReLU, SiLU
 
 Initializer = Any
 default_kernel_init = initializers.lecun_normal()
 
-__all__ = ["AvgPool2d", "BatchNorm", "Conv2d", "Dropout", "Flatten", "Layer", "Linear",
-           "MaxPool2d", "ReLU"]
+__all__ = ["AvgPool2d", "BatchNorm", "Conv2d", "Dropout", "Flatten", "GELU", "Layer", "Linear",
+           "MaxPool2d", "ReLU", "SiLU"]
 
 
 @dataclasses.dataclass(frozen=True)

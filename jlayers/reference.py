@@ -3,7 +3,9 @@
 ``jax.grad`` of these is what the manual rules in :mod:`jlayers` are proven against.
 """
 
+from jlayers.activation import gelu_reference as gelu
 from jlayers.activation import relu_reference as relu
+from jlayers.activation import silu_reference as silu
 from jlayers.batch_norm import batch_norm_inference_reference as batch_norm_inference
 from jlayers.batch_norm import batch_norm_reference as batch_norm
 from jlayers.conv import conv2d_reference as conv2d
@@ -22,9 +24,11 @@ __all__ = [
     "batch_norm_inference",
     "conv2d",
     "dropout",
+    "gelu",
     "linear",
     "max_pool2d",
     "relu",
+    "silu",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
 ]
