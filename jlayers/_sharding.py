@@ -33,6 +33,16 @@ def like(x):
   return jax.typeof(x).sharding if explicit(x) else None
 
 
+def spec_like(x, shape):
+  """``x``'s partition spec for an array of ``shape`` that broadcasts against ``x`` (a mask),
+  its size-1 (broadcast) axes unsplit, where the types carry shardings; else ``None``."""
+  if not explicit(x):
+    return None
+  spec = tuple(jax.typeof(x).sharding.spec)
+  spec += (None,) * (x.ndim - len(spec))
+  return P(*(s if shape[i] == x.shape[i] else None for i, s in enumerate(spec)))
+
+
 def _names(entry) -> tuple[str, ...]:
   if entry is None:
     return ()

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from jlayers import _checks, _sharding
 
@@ -66,20 +65,12 @@ def _apply(forward, x, key, rate, broadcast_dims):
   if isinstance(rate, numbers.Real) and rate == 0:
     return x
   mask_shape = tuple(1 if i in dims else n for i, n in enumerate(x.shape))
-  # Drawn in float32 whatever x's dtype: one key gives one mask in every precision.
+  # Drawn in float32 whatever x's dtype: one key gives one mask in every precision. Laid out
+  # as x where the types carry shardings, so each device draws only its own slice (threefry's
+  # partitionable mode, JAX's default, draws the same bits for a slice as for the whole).
   keep = jax.random.bernoulli(key, (1.0 - rate_arr).astype(jnp.float32), mask_shape,
-                              out_sharding=_mask_sharding(x, dims))
+                              out_sharding=_sharding.spec_like(x, mask_shape))
   return forward(x, keep, rate_arr)
-
-
-def _mask_sharding(x, dims):
-  """The mask laid out as ``x`` where the types carry shardings (shared axes unsplit), so that
-  each device draws only its own slice. Threefry's partitionable mode (JAX's default) draws the
-  same bits for a slice as for the whole: the mask does not depend on the device count."""
-  if not _sharding.explicit(x):
-    return None
-  spec = jax.typeof(x).sharding.spec
-  return P(*(None if i in dims or i >= len(spec) else spec[i] for i in range(x.ndim)))
 
 
 def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Array:

@@ -14,7 +14,6 @@ import numbers
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from jlayers import _checks, _sharding
 
@@ -60,12 +59,10 @@ def _like(w, logits):
   """The mask laid out as the logits where the types carry shardings (a mask left replicated
   next to batch-split logits makes every select ambiguous); splitting a replicated array is a
   local slice. A size-1 class axis stays unsplit. Elsewhere ``w`` as it is."""
-  if not _sharding.explicit(logits):
+  target = _sharding.spec_like(logits, w.shape)
+  if target is None or jax.typeof(w).sharding.spec == target:
     return w
-  spec = tuple(jax.typeof(logits).sharding.spec)
-  spec += (None,) * (logits.ndim - len(spec))
-  target = P(*(s if w.shape[i] == logits.shape[i] else None for i, s in enumerate(spec)))
-  return w if jax.typeof(w).sharding.spec == target else jax.sharding.reshard(w, target)
+  return jax.sharding.reshard(w, target)
 
 
 def _smoothing(value) -> float:
