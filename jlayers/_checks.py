@@ -45,16 +45,6 @@ def floating(op: str, name: str, x) -> jax.Array:
   return x
 
 
-def same_dtype(op: str, **arrays) -> None:
-  """Raises ``TypeError`` unless all given arrays (``None`` skipped) share one dtype."""
-  named = [(n, a) for n, a in arrays.items() if a is not None]
-  first_name, first = named[0]
-  for name, a in named[1:]:
-    if a.dtype != first.dtype:
-      raise TypeError(
-          f"{op}: {name} must have the same dtype as {first_name} ({first.dtype}), got {a.dtype}")
-
-
 def rank(op: str, name: str, x: jax.Array, expected: int | Sequence[int], what: str = "") -> None:
   """Raises ``ValueError`` unless ``x.ndim`` is ``expected`` (an int or a collection)."""
   allowed = (expected,) if isinstance(expected, int) else tuple(expected)
