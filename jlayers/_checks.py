@@ -7,6 +7,7 @@ was expected and what came, as a single string.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import jax
@@ -77,6 +78,31 @@ def axis_index(op: str, name: str, axis, ndim: int) -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(f"{op}: {name}={axis} is out of range for an input of rank {ndim}")
   return int(axis) % ndim
+
+
+def axes(op: str, name: str, value, ndim: int) -> tuple[int, ...]:
+  """An int or a non-empty sequence of distinct ints, each normalised into ``[0, ndim)``;
+  returned sorted (a hashable tuple, for ``nondiff_argnums``)."""
+  if is_int(value):
+    return (axis_index(op, name, value, ndim),)
+  if not isinstance(value, Sequence) or isinstance(value, str) or not all(map(is_int, value)):
+    raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {value!r}")
+  if not value:
+    raise ValueError(f"{op}: {name} must name at least one axis, got {value!r}")
+  out = tuple(axis_index(op, name, a, ndim) for a in value)
+  if len(set(out)) != len(out):
+    raise ValueError(f"{op}: {name} must not repeat an axis, got {tuple(value)} for an input "
+                     f"of rank {ndim}")
+  return tuple(sorted(out))
+
+
+def positive_float(op: str, name: str, value) -> float:
+  """``value`` as a float, which must be > 0 (an ``eps``)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__}")
+  if not value > 0:
+    raise ValueError(f"{op}: {name} must be a positive float, got {value!r}")
+  return float(value)
 
 
 def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:

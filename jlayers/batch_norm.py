@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-from jlayers import _checks
+from jlayers import _checks, _standardize
 
 
 def _config(op, x, axis, eps, axis_name, **vectors):
@@ -17,28 +16,19 @@ def _config(op, x, axis, eps, axis_name, **vectors):
   x = _checks.floating(op, "x", x)
   _checks.min_rank(op, "x", x, 1)
   axis = _checks.axis_index(op, "axis", axis, x.ndim)
-  if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-    raise TypeError(f"{op}: eps must be a positive float, got {type(eps).__name__}")
-  if not eps > 0:
-    raise ValueError(f"{op}: eps must be a positive float, got {eps!r}")
+  eps = _checks.positive_float(op, "eps", eps)
   _checks.axis_name(op, axis_name)
   out = {}
   for name, v in vectors.items():
     v = _checks.floating(op, name, v)
     _checks.shape(op, name, v, (x.shape[axis],), f"(features,) matching x's axis {axis}")
     out[name] = v
-  return x, axis, float(eps), out
+  return x, axis, eps, out
 
 
 def _per_channel(v, ndim, axis):
   """``v[C]`` reshaped to broadcast against a rank-``ndim`` array along ``axis``."""
   return v.reshape(tuple(-1 if i == axis else 1 for i in range(ndim)))
-
-
-def _sum(v, axis, axis_name):
-  """Sum over every axis but ``axis`` (and over devices when ``axis_name`` is set)."""
-  s = jnp.sum(v, axis=tuple(i for i in range(v.ndim) if i != axis))
-  return s if axis_name is None else jax.lax.psum(s, axis_name)
 
 
 def _varying(v, axis_name):
@@ -56,11 +46,6 @@ def _varying(v, axis_name):
   varying = getattr(getattr(jax.typeof(v), "mat", None), "varying", frozenset())
   missing = tuple(n for n in names if n in manual and n not in varying)
   return jax.lax.pcast(v, missing, to="varying") if missing else v
-
-
-def _count(x, axis, axis_name):
-  n = math.prod(s for i, s in enumerate(x.shape) if i != axis)
-  return n if axis_name is None else jax.lax.psum(n, axis_name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,14 +98,17 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int =
   return y, mean, var
 
 
+def _reduced(ndim, axis):
+  return tuple(i for i in range(ndim) if i != axis)
+
+
 def _statistics(x, axis, axis_name):
   """Per-feature mean and (two-pass, never negative) variance in at least float32, the element
   count and ``x − μ``, over every axis but ``axis`` and the devices of ``axis_name``."""
   xc = x.astype(_checks.at_least_float32(x.dtype))
-  n = _count(x, axis, axis_name)
-  mean = _sum(xc, axis, axis_name) / n
-  centred = xc - _per_channel(mean, x.ndim, axis)
-  return mean, _sum(centred * centred, axis, axis_name) / n, n, centred
+  mean, var, n, centred = _standardize.moments(xc, _reduced(x.ndim, axis), axis_name=axis_name)
+  c = x.shape[axis]
+  return mean.reshape(c), var.reshape(c), n, centred
 
 
 def _train_forward(axis, eps, axis_name, x, scale, offset):
@@ -153,15 +141,16 @@ def _batch_norm_fwd(axis, eps, axis_name, x, scale, offset):
 def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   r"""Closed-form backward of batch normalisation.
 
-  Write ``g = ∂L/∂y`` and let sums run over the ``N`` elements of one feature. From
-  ``x̂_j = (x_j − μ)·inv`` with ``∂μ/∂x_i = 1/N`` and ``∂inv/∂x_i = −inv³ (x_i − μ)/N``
-  (the ``μ`` term of ``∂σ²/∂x_i`` cancels because ``Σ(x − μ) = 0``):
+  Write ``g = ∂L/∂y`` and let sums run over the ``N`` elements of one feature. ``x̂`` is
+  the standardisation every normalisation shares, whose backward is derived once in
+  :func:`jlayers._standardize.standardized_grad`: its Jacobian within a feature is
 
   .. math::
     \frac{∂\hat x_j}{∂x_i} = inv \Big(δ_{ij} - \frac1N - \frac{\hat x_i \hat x_j}{N}\Big)
 
-  The Jacobian is dense: every output of a feature depends on every input of it. Summing over
-  ``j`` with ``∂y_j/∂\hat x_j = γ``:
+  and with ``ĝ = ∂L/∂x̂ = γ g``, ``dx = inv (ĝ − mean ĝ − x̂ mean(ĝ x̂))``. Here ``γ`` is
+  constant over a feature's elements, so the two sums factor out of it as ``γ dβ`` and
+  ``γ dγ``, the same reductions that give the parameter gradients:
 
   .. math::
     dβ = Σ_j g_j, \qquad dγ = Σ_j g_j \hat x_j, \qquad
@@ -195,21 +184,20 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   xhat_saved, inv, scale, offset, n = res
   gy, gmean, gvar = cotangents
   cdt = inv.dtype
-  nd = xhat_saved.ndim
+  pc = functools.partial(_per_channel, ndim=xhat_saved.ndim, axis=axis)
   xhat = xhat_saved.astype(cdt)
   g = gy.astype(cdt)
-  red = tuple(i for i in range(nd) if i != axis)
+  red = _reduced(g.ndim, axis)
   dbeta_local = jnp.sum(g, axis=red)
   dgamma_local = jnp.sum(g * xhat, axis=red)
   gamma = scale.astype(cdt)
-  if axis_name is None:
-    gamma_inv = gamma * inv
-    pc = functools.partial(_per_channel, ndim=nd, axis=axis)
-    dx = pc(gamma_inv) * (g - pc(dbeta_local / n) - xhat * pc(dgamma_local / n))
-  else:  # sums of γ g over devices whose γ may differ
-    s1, s2 = jax.lax.psum((gamma * dbeta_local, gamma * dgamma_local), axis_name)
-    pc = functools.partial(_per_channel, ndim=nd, axis=axis)
-    dx = pc(inv) * (pc(gamma) * g - pc(s1 / n) - xhat * pc(s2 / n))
+  # γ is constant over each reduced set, so the closed form's sums of ĝ = γ g factor into
+  # γ dβ and γ dγ (added over devices, whose γ may differ, with axis_name).
+  sums = (gamma * dbeta_local, gamma * dgamma_local)
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  dx = _standardize.standardized_grad(pc(gamma) * g, xhat, pc(inv), n,
+                                      sums=tuple(map(pc, sums)))
   if axis_name is None:  # with axis_name the statistics are differentiated outside this rule
     dx = dx + pc(gmean.astype(cdt) / n) + xhat * pc(2 * gvar.astype(cdt) / (inv * n))
   return (dx.astype(gy.dtype), dgamma_local.astype(scale.dtype),
