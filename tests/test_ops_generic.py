@@ -85,7 +85,7 @@ def test_half_precision_accuracy_against_float64(spec, case, dtype):
   cot = testing.random_like(rng, out_shape)
   out, grads = _grads(spec.manual, case, args, cot)
   first = jax.tree_util.tree_leaves(out)[0]
-  assert first.dtype == args[0].dtype, f"output dtype {first.dtype} for input {args[0].dtype}"
+  assert first.dtype == primals[0].dtype, f"output dtype {first.dtype} for {primals[0].dtype}"
   for i, p, g in zip(case.diff, primals, grads):
     assert g.dtype == p.dtype and g.shape == p.shape, f"grad of arg {i}: {g.dtype}{g.shape}"
   with jax.enable_x64(True):
