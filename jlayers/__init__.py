@@ -9,16 +9,21 @@ signature in :mod:`jlayers.reference`; the test suite proves the two agree. Laye
 from jlayers import reference, testing
 from jlayers._platform import formulation
 from jlayers.activation import gelu, relu, silu
+from jlayers.attention import dot_product_attention
 from jlayers.batch_norm import batch_norm, batch_norm_inference
 from jlayers.conv import conv2d
 from jlayers.dropout import dropout
-from jlayers.layers import (AvgPool2d, BatchNorm, Conv2d, Dropout, Flatten, Layer, Linear,
-                            MaxPool2d, ReLU, GELU, SiLU)
+from jlayers.embedding import embedding
+from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embedding, Flatten,
+                            GroupNorm, Layer, LayerNorm, Linear, MaxPool2d, MultiHeadAttention,
+                            ReLU, RMSNorm, SiLU)
 from jlayers.linear import linear
 from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
+from jlayers.normalization import group_norm, layer_norm, rms_norm
 from jlayers.models import (Composite, Residual, Scope, Sequential, grad_differences,
                             max_grad_difference)
 from jlayers.pool import avg_pool2d, max_pool2d
+from jlayers.softmax import log_softmax, softmax
 
 from jlayers._impl import op, register_op, registered_ops
 
@@ -38,6 +43,13 @@ for _name, _manual, _reference in (
     ("softmax_cross_entropy_with_integer_labels", softmax_cross_entropy_with_integer_labels,
      reference.softmax_cross_entropy_with_integer_labels),
     ("softmax_cross_entropy", softmax_cross_entropy, reference.softmax_cross_entropy),
+    ("layer_norm", layer_norm, reference.layer_norm),
+    ("rms_norm", rms_norm, reference.rms_norm),
+    ("group_norm", group_norm, reference.group_norm),
+    ("softmax", softmax, reference.softmax),
+    ("log_softmax", log_softmax, reference.log_softmax),
+    ("embedding", embedding, reference.embedding),
+    ("dot_product_attention", dot_product_attention, reference.dot_product_attention),
 ):
   register_op(_name, _manual, _reference)
 del _name, _manual, _reference
@@ -48,12 +60,19 @@ __all__ = [
     "batch_norm",
     "batch_norm_inference",
     "conv2d",
+    "dot_product_attention",
     "dropout",
+    "embedding",
     "gelu",
+    "group_norm",
+    "layer_norm",
     "linear",
+    "log_softmax",
     "max_pool2d",
     "relu",
+    "rms_norm",
     "silu",
+    "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     # autodiff twins
@@ -72,11 +91,16 @@ __all__ = [
     "Composite",
     "Conv2d",
     "Dropout",
+    "Embedding",
     "Flatten",
     "GELU",
+    "GroupNorm",
     "Layer",
+    "LayerNorm",
     "Linear",
     "MaxPool2d",
+    "MultiHeadAttention",
+    "RMSNorm",
     "ReLU",
     "Residual",
     "Scope",

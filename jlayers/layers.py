@@ -36,13 +36,16 @@ from jlayers import _checks
 from jlayers import _impl
 from jlayers import _layer_base as base
 from jlayers._layer_base import Layer
+from jlayers._normalization_layers import GroupNorm, LayerNorm, RMSNorm
 from jlayers._parameter_free import GELU, AvgPool2d, Flatten, MaxPool2d, ReLU, SiLU
+from jlayers._sequence_layers import Embedding, MultiHeadAttention
 
 Initializer = Any
 default_kernel_init = initializers.lecun_normal()
 
-__all__ = ["AvgPool2d", "BatchNorm", "Conv2d", "Dropout", "Flatten", "GELU", "Layer", "Linear",
-           "MaxPool2d", "ReLU", "SiLU"]
+__all__ = ["AvgPool2d", "BatchNorm", "Conv2d", "Dropout", "Embedding", "Flatten", "GELU",
+           "GroupNorm", "Layer", "LayerNorm", "Linear", "MaxPool2d", "MultiHeadAttention",
+           "RMSNorm", "ReLU", "SiLU"]
 
 
 @dataclasses.dataclass(frozen=True)

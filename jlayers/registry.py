@@ -14,7 +14,8 @@ from jlayers.testing import (MESH_BATCH, Case, OpSpec, away_from_zero,  # noqa: 
                              normal)
 
 # One grid module per op family, in ``jlayers/_cases/``.
-_FAMILIES = ("linear", "activation", "dropout", "batch_norm", "conv", "pool", "loss")
+_FAMILIES = ("linear", "activation", "dropout", "batch_norm", "conv", "pool", "loss",
+             "normalization", "softmax", "embedding", "attention")
 
 
 def _collect() -> dict[str, OpSpec]:

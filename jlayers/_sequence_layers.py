@@ -1,0 +1,185 @@
+"""Token embedding and multi-head attention layers (re-exported by :mod:`jlayers.layers`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from jlayers import _checks
+from jlayers import _impl
+from jlayers import _layer_base as base
+from jlayers._layer_base import Layer
+
+Initializer = Any
+default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+"""Flax's embedding initialiser: unit-variance rows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedding(Layer):
+  """A table of ``num_embeddings`` vectors of ``features``: ``apply`` looks ids up
+  (:func:`jlayers.embedding`), :meth:`attend` scores vectors against every row (tied output
+  logits).
+
+  Params: ``{"embedding": float[num_embeddings, features]}`` in ``param_dtype``; no state.
+  ``apply(params, state, ids)`` takes integer ids of any shape (``init``'s ``input_shape`` is
+  theirs; pass ``dtype=jnp.int32`` when the layer starts a :class:`jlayers.Sequential`) and
+  returns ``float[*ids.shape, features]``; ids outside ``[0, num_embeddings)`` give NaN rows.
+  With ``dtype`` set, the looked-up rows are cast to it (the table stays in ``param_dtype``).
+  """
+
+  kind: ClassVar[str] = "embedding"
+  num_embeddings: int
+  features: int
+  _: dataclasses.KW_ONLY
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  embedding_init: Initializer = default_embed_init
+
+  def __post_init__(self):
+    _checks.positive_int("Embedding", "num_embeddings", self.num_embeddings)
+    _checks.positive_int("Embedding", "features", self.features)
+    base.check_dtypes(self)
+    base.initializer("Embedding", "embedding_init", self.embedding_init)
+
+  def init(self, key, input_shape, *, dtype=jnp.int32):
+    base.shape_of("Embedding", input_shape)
+    return {"embedding": self.embedding_init(key, (self.num_embeddings, self.features),
+                                             self.param_dtype)}, {}
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("Embedding", train, impl)
+    (table,) = base.entries(self, params, "params", ("embedding",))
+    y = _impl.op("embedding", impl)(x, table)
+    return (y if self.dtype is None else y.astype(self.dtype)), state
+
+  def attend(self, params, x, *, impl: str = "manual") -> jax.Array:
+    """Scores ``x: float[..., features]`` against every row: ``x @ embeddingᵀ``, through
+    :func:`jlayers.linear` (in ``dtype``, or ``x``'s); returns ``float[..., num_embeddings]``
+    (the output logits of a model whose input and output embeddings are tied)."""
+    _impl.check(impl, "Embedding.attend")
+    (table,) = base.entries(self, params, "params", ("embedding",))
+    x = base.compute_dtype(self, x)
+    if x.ndim < 1 or x.shape[-1] != self.features:
+      raise ValueError(f"Embedding.attend: x must have shape (..., {self.features}), got "
+                       f"{tuple(x.shape)}")
+    return _impl.op("linear", impl)(x, table.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiHeadAttention(Layer):
+  r"""Multi-head dot-product attention with grouped-query heads.
+
+  For ``x: float[B, T, F]`` (and ``inputs_kv: float[B, S, F_kv]``, default ``x``):
+
+  .. math::
+    q = x W_q + b_q, \quad k = x_{kv} W_k + b_k, \quad v = x_{kv} W_v + b_v, \quad
+    y = \mathrm{attention}(q, k, v)\, W_o + b_o
+
+  with ``num_heads`` query heads and ``num_kv_heads`` key/value heads (default
+  ``num_heads``; a divisor of it: grouped-query, ``1``: multi-query) of size
+  ``qkv_features // num_heads``. The four projections run through :func:`jlayers.linear` and
+  the attention through :func:`jlayers.dot_product_attention` (``causal``, ``mask``, the
+  default ``1/√H`` scale), so every backward pass is manual under ``impl="manual"``.
+
+  Params: ``{"query", "key", "value", "out"}``, each ``{"kernel": float[in, out], "bias":
+  float[out]}`` (no ``"bias"`` with ``use_bias=False``): query ``[F, N·H]``, key and value
+  ``[F_kv, K·H]``, out ``[N·H, out_features]``. No state. ``qkv_features`` defaults to ``F``,
+  ``out_features`` to ``F``, ``kv_features`` (the features of ``inputs_kv``) to ``F``.
+  ``dtype``, ``param_dtype`` and ``precision`` work as for :class:`jlayers.Linear`.
+
+  ``apply(params, state, x, *, inputs_kv=None, mask=None, ...)``: ``mask`` is a bool of rank
+  4 broadcastable to ``[B, num_heads, T, S]`` (True: may attend), e.g. ``[B, 1, 1, S]`` for
+  padded keys. There is no dropout on the attention weights.
+  """
+
+  kind: ClassVar[str] = "multi_head_attention"
+  num_heads: int
+  _: dataclasses.KW_ONLY
+  num_kv_heads: int | None = None
+  causal: bool = False
+  use_bias: bool = True
+  qkv_features: int | None = None
+  out_features: int | None = None
+  kv_features: int | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = initializers.lecun_normal()
+  bias_init: Initializer = initializers.zeros
+
+  def __post_init__(self):
+    where = "MultiHeadAttention"
+    _checks.positive_int(where, "num_heads", self.num_heads)
+    for name in ("num_kv_heads", "qkv_features", "out_features", "kv_features"):
+      if getattr(self, name) is not None:
+        _checks.positive_int(where, name, getattr(self, name))
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"{where}: num_kv_heads={self.kv_heads} must divide "
+                       f"num_heads={self.num_heads}")
+    base.flag(where, "causal", self.causal)
+    base.flag(where, "use_bias", self.use_bias)
+    base.check_dtypes(self)
+    base.set_field(self, "precision", _checks.precision(where, self.precision))
+    base.initializer(where, "kernel_init", self.kernel_init)
+    base.initializer(where, "bias_init", self.bias_init)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def _sizes(self, features: int) -> dict[str, tuple[int, int]]:
+    qkv = self.qkv_features or features
+    if qkv % self.num_heads:
+      raise ValueError(f"MultiHeadAttention: num_heads={self.num_heads} must divide "
+                       f"qkv_features={qkv}")
+    head = qkv // self.num_heads
+    kv_in = self.kv_features or features
+    return {"query": (features, self.num_heads * head), "key": (kv_in, self.kv_heads * head),
+            "value": (kv_in, self.kv_heads * head),
+            "out": (self.num_heads * head, self.out_features or features)}
+
+  def init(self, key, input_shape, *, dtype=jnp.float32):
+    shape = base.shape_of("MultiHeadAttention", input_shape, rank=3)
+    params = {}
+    for k, (name, (n_in, n_out)) in zip(jax.random.split(key, 4),
+                                        self._sizes(shape[-1]).items()):
+      k_key, b_key = jax.random.split(k)
+      params[name] = {"kernel": self.kernel_init(k_key, (n_in, n_out), self.param_dtype)}
+      if self.use_bias:
+        params[name]["bias"] = self.bias_init(b_key, (n_out,), self.param_dtype)
+    return params, {}
+
+  def _project(self, params, name, x, impl):
+    names = ("kernel", "bias") if self.use_bias else ("kernel",)
+    if not isinstance(params, dict) or name not in params:
+      base.entries(self, params, "params", ("query", "key", "value", "out"))
+    weights = base.entries(self, params[name], f"params[{name!r}]", names)
+    return _impl.op("linear", impl)(x, *weights, precision=self.precision)
+
+  def apply(self, params, state, x, *, inputs_kv=None, mask=None, key=None, train=False,
+            impl="manual"):
+    where = "MultiHeadAttention"
+    base.check_call(where, train, impl)
+    x = base.compute_dtype(self, x)
+    kv = x if inputs_kv is None else base.compute_dtype(self, inputs_kv)
+    for name, a in (("x", x), ("inputs_kv", kv)):
+      if a.ndim != 3:
+        raise ValueError(f"{where}: {name} must have rank 3 (B, T, features), got shape "
+                         f"{tuple(a.shape)}")
+    sizes = self._sizes(x.shape[-1])
+    for name, a, want in (("x", x, sizes["query"][0]), ("inputs_kv", kv, sizes["key"][0])):
+      if a.shape[-1] != want:
+        raise ValueError(f"{where}: {name} must have {want} features (as at init), got shape "
+                         f"{tuple(a.shape)}")
+    b, t = x.shape[:2]
+    head = sizes["query"][1] // self.num_heads
+    q = self._project(params, "query", x, impl).reshape(b, t, self.num_heads, head)
+    k, v = (self._project(params, name, kv, impl).reshape(b, kv.shape[1], self.kv_heads, head)
+            for name in ("key", "value"))
+    o = _impl.op("dot_product_attention", impl)(q, k, v, mask=mask, causal=self.causal)
+    return self._project(params, "out", o.reshape(b, t, self.num_heads * head), impl), state

@@ -1,0 +1,191 @@
+"""The transformer layers: LayerNorm, RMSNorm, GroupNorm, Embedding (with attend) and
+MultiHeadAttention — params, the ops they call, dtypes, impl, errors — and a pre-norm block
+whose manual gradients equal autodiff's in float64."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlayers
+from jlayers import layers as L
+
+
+def _x(shape, seed=0, dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+@pytest.mark.parametrize("layer, op, shape, pshape", [
+    (L.LayerNorm(), lambda x, p: jlayers.layer_norm(x, p["scale"], p["offset"]), (2, 3, 8),
+     (8,)),
+    (L.LayerNorm(axis=(1, 2), eps=1e-3), lambda x, p: jlayers.layer_norm(
+        x, p["scale"], p["offset"], axis=(1, 2), eps=1e-3), (2, 3, 8), (3, 8)),
+    (L.RMSNorm(), lambda x, p: jlayers.rms_norm(x, p["scale"]), (2, 3, 8), (8,)),
+    (L.GroupNorm(4), lambda x, p: jlayers.group_norm(x, p["scale"], p["offset"], groups=4),
+     (2, 3, 3, 8), (8,)),
+], ids=["layer_norm", "layer_norm_axes", "rms_norm", "group_norm"])
+def test_norm_layers_init_and_apply_the_op(layer, op, shape, pshape):
+  params, state = layer.init(jax.random.key(0), shape)
+  assert state == {} and {k: v.shape for k, v in params.items()} == dict.fromkeys(params, pshape)
+  np.testing.assert_array_equal(params["scale"], 1.0)
+  params = jax.tree_util.tree_map(lambda p: p + 0.5, params)
+  x = _x(shape)
+  for impl in ("manual", "autodiff"):
+    y, new_state = layer.apply(params, state, x, impl=impl)
+    np.testing.assert_allclose(y, op(x, params), rtol=1e-6, atol=1e-6)
+    assert new_state == {}
+
+
+def test_norm_layers_without_params_and_in_bfloat16():
+  assert L.LayerNorm(use_scale=False, use_offset=False).init(jax.random.key(0), (2, 4))[0] == {}
+  assert set(L.GroupNorm(2, use_offset=False).init(jax.random.key(0), (2, 4))[0]) == {"scale"}
+  layer = L.LayerNorm(dtype=jnp.bfloat16)
+  params, _ = layer.init(jax.random.key(0), (2, 4))
+  assert params["scale"].dtype == jnp.float32
+  x = _x((2, 4))
+  y, _ = layer.apply(params, {}, x)
+  assert y.dtype == jnp.bfloat16
+  g = jax.grad(lambda p: jnp.sum(layer.apply(p, {}, x)[0].astype(jnp.float32) * x))(params)
+  assert g["scale"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("make, match, exc", [
+    (lambda: L.LayerNorm(axis="last"), "LayerNorm: axis must be an int or a non-empty tuple of "
+     "ints, got 'last'", TypeError),
+    (lambda: L.RMSNorm(eps=0.0), r"RMSNorm: eps must be in \(0.0, inf\), got 0.0", ValueError),
+    (lambda: L.GroupNorm(0), "GroupNorm: groups must be positive, got 0", ValueError),
+    (lambda: L.GroupNorm(3).init(jax.random.key(0), (2, 4)),
+     r"GroupNorm: groups=3 must divide the 4 channels of input_shape \(2, 4\)", ValueError),
+    (lambda: L.LayerNorm(use_scale=1), "LayerNorm: use_scale must be a bool, got int",
+     TypeError),
+    (lambda: L.Embedding(0, 4), "Embedding: num_embeddings must be positive, got 0", ValueError),
+    (lambda: L.MultiHeadAttention(4, num_kv_heads=3), "MultiHeadAttention: num_kv_heads=3 must "
+     "divide num_heads=4", ValueError),
+    (lambda: L.MultiHeadAttention(3).init(jax.random.key(0), (2, 5, 8)),
+     "MultiHeadAttention: num_heads=3 must divide qkv_features=8", ValueError),
+    (lambda: L.MultiHeadAttention(2).init(jax.random.key(0), (5, 8)),
+     r"MultiHeadAttention: input_shape must have rank 3, got \(5, 8\)", ValueError),
+    (lambda: L.MultiHeadAttention(2, causal="yes"), "MultiHeadAttention: causal must be a bool, "
+     "got str", TypeError),
+])
+def test_layer_configuration_errors(make, match, exc):
+  with pytest.raises(exc, match=match):
+    make()
+
+
+def test_embedding_apply_attend_and_tied_gradients():
+  layer = L.Embedding(6, 4)
+  params, state = layer.init(jax.random.key(0), (2, 3))
+  table = params["embedding"]
+  assert table.shape == (6, 4) and table.dtype == jnp.float32 and state == {}
+  ids = jnp.array([[0, 5, 5], [2, 1, 0]])
+  h, _ = layer.apply(params, state, ids)
+  np.testing.assert_array_equal(h, table[ids])
+  logits = layer.attend(params, h)
+  np.testing.assert_allclose(logits, h @ table.T, rtol=1e-6)
+
+  def loss(params, impl):
+    h, _ = layer.apply(params, {}, ids, impl=impl)
+    return jnp.sum(layer.attend(params, jnp.tanh(h), impl=impl) * jnp.arange(6.0).reshape(1, 1,
+                                                                                         6))
+
+  with jax.enable_x64(True):
+    p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    manual, auto = (jax.grad(loss)(p64, impl)["embedding"] for impl in ("manual", "autodiff"))
+  np.testing.assert_allclose(manual, auto, rtol=1e-13, atol=1e-14)
+  assert np.abs(np.asarray(manual)[3]).max() > 0  # row 3 is only an output: attend reaches it
+
+
+def test_embedding_casts_the_looked_up_rows_and_starts_a_sequential():
+  layer = L.Embedding(5, 3, dtype=jnp.bfloat16)
+  model = jlayers.Sequential([layer, L.LayerNorm(), L.Linear(2)])
+  params, _ = model.init(jax.random.key(0), (2, 4), dtype=jnp.int32)
+  assert params["embedding_0"]["embedding"].dtype == jnp.float32
+  y, _ = model.apply(params, {}, jnp.zeros((2, 4), jnp.int32))
+  assert y.shape == (2, 4, 2) and y.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match=r"Embedding.attend: x must have shape \(..., 3\)"):
+    layer.attend(params["embedding_0"], jnp.ones((2, 4)))
+
+
+def _attention_by_hand(params, x, kv, heads, kv_heads, **kwargs):
+  """The same projections and jax.nn.dot_product_attention: an independent composition."""
+  def proj(name, a):
+    return a @ params[name]["kernel"] + params[name]["bias"].reshape(1, 1, -1)
+  b, t, _ = x.shape
+  q = proj("query", x).reshape(b, t, heads, -1)
+  k = proj("key", kv).reshape(b, kv.shape[1], kv_heads, -1)
+  v = proj("value", kv).reshape(b, kv.shape[1], kv_heads, -1)
+  with jax.numpy_dtype_promotion("standard"):
+    o = jax.nn.dot_product_attention(q, k, v, **kwargs)
+  return proj("out", o.reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("kv_heads, causal", [(None, False), (2, True), (1, True)])
+def test_multi_head_attention_equals_its_composition(kv_heads, causal):
+  layer = L.MultiHeadAttention(4, num_kv_heads=kv_heads, causal=causal, qkv_features=16,
+                               out_features=6)
+  params, _ = layer.init(jax.random.key(0), (2, 5, 8))
+  k_heads = kv_heads or 4
+  assert {n: p["kernel"].shape for n, p in params.items()} == {
+      "query": (8, 16), "key": (8, 4 * k_heads), "value": (8, 4 * k_heads), "out": (16, 6)}
+  params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # non-zero biases
+  x = _x((2, 5, 8))
+  want = _attention_by_hand(params, x, x, 4, k_heads, is_causal=causal)
+  for impl in ("manual", "autodiff"):
+    y, _ = layer.apply(params, {}, x, impl=impl)
+    np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+
+
+def test_cross_attention_with_a_mask():
+  layer = L.MultiHeadAttention(2, kv_features=3, use_bias=False)
+  params, _ = layer.init(jax.random.key(0), (2, 4, 6))
+  assert "bias" not in params["query"] and params["key"]["kernel"].shape == (3, 6)
+  x, kv = _x((2, 4, 6)), _x((2, 7, 3), 1)
+  mask = jnp.arange(7).reshape(1, 1, 1, 7) < jnp.array([5, 7]).reshape(2, 1, 1, 1)
+  y, _ = layer.apply(params, {}, x, inputs_kv=kv, mask=mask)
+  zero_bias = jax.tree_util.tree_map(lambda k: {"kernel": k, "bias": jnp.zeros(k.shape[1])},
+                                     {n: p["kernel"] for n, p in params.items()})
+  want = _attention_by_hand(zero_bias, x, kv, 2, 2, mask=mask)
+  np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+  with pytest.raises(ValueError, match=r"inputs_kv must have 3 features \(as at init\)"):
+    layer.apply(params, {}, x, inputs_kv=x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block(jlayers.Composite):
+  """A pre-norm transformer block: LN → causal MHA → residual; LN → MLP → residual."""
+
+  features: int
+  heads: int
+
+  def forward(self, scope, x):
+    h = scope("ln1", L.LayerNorm(), x)
+    x = x + scope("attn", L.MultiHeadAttention(self.heads, num_kv_heads=1, causal=True), h)
+    h = scope("ln2", L.LayerNorm(), x)
+    h = scope("fc2", L.Linear(self.features), scope("gelu", L.GELU(), scope(
+        "fc1", L.Linear(4 * self.features), h)))
+    return x + h
+
+
+def test_a_transformer_block_manual_gradients_equal_autodiff_float64():
+  block = jlayers.Sequential([L.Embedding(11, 8), _Block(8, 2), L.RMSNorm(), L.Linear(11)])
+  params, state = block.init(jax.random.key(0), (2, 6), dtype=jnp.int32)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 11, (2, 6)))
+
+  def loss(params, ids, *, impl):
+    logits, _ = block.apply(params, state, ids, impl=impl)
+    return jnp.mean(jlayers.op("softmax_cross_entropy_with_integer_labels", impl)(
+        logits[:, :-1], ids[:, 1:]))
+
+  with jax.enable_x64(True):
+    p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+    diffs = jlayers.grad_differences(loss, p64, ids)
+    key_bias = np.asarray(jax.grad(loss)(p64, ids, impl="manual")["composite_1"]["attn"][
+        "key"]["bias"])
+  # The key bias adds q·b to every score of a row: softmax ignores it, so its gradient is 0
+  # in exact arithmetic and compares rounding with rounding.
+  assert np.abs(key_bias).max() < 1e-15
+  del diffs["['composite_1']['attn']['key']['bias']"]
+  assert len(diffs) == 19 and max(diffs.values()) < 1e-12, diffs
