@@ -136,14 +136,20 @@ def random_like(rng: np.random.Generator, tree):
 
 
 def rel_err(a: jax.Array, ref: jax.Array) -> tuple[float, float]:
-  """``(max |a - ref|, max |a - ref| / max |ref|)``; the denominator is floored at the dtype's
-  smallest normal number so an all-zero reference gives the absolute error scaled, not inf."""
+  """``(max |a - ref|, max |a - ref| / max |ref|)``.
+
+  Entries equal in both count as no error (so a ``-inf`` that both give, a masked
+  log-probability, agrees), and the scale is the largest *finite* ``|ref|``, floored at the
+  dtype's smallest normal number so an all-zero reference gives the absolute error scaled,
+  not inf. An infinity or NaN where the other side differs makes the error inf or NaN.
+  """
   wide = jnp.float64 if ref.dtype == jnp.float64 else jnp.float32
   a, ref = jnp.asarray(a).astype(wide), jnp.asarray(ref).astype(wide)
   if ref.size == 0:
     return 0.0, 0.0
-  diff = float(jnp.max(jnp.abs(a - ref)))
-  scale = max(float(jnp.max(jnp.abs(ref))), float(jnp.finfo(wide).tiny))
+  diff = float(jnp.max(jnp.where(a == ref, jnp.zeros_like(a), jnp.abs(a - ref))))
+  finite = jnp.where(jnp.isfinite(ref), jnp.abs(ref), jnp.zeros_like(ref))
+  scale = max(float(jnp.max(finite)), float(jnp.finfo(wide).tiny))
   return diff, diff / scale
 
 
