@@ -41,12 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 import jlayers
+from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.models import Sequential, max_grad_difference
+from jlayers.parallel import DataParallel
 
 
 def load_data(seed: int = 0, test_fraction: float = 0.2):
@@ -73,41 +71,6 @@ def build_model(dropout: float = 0.3, dtype=None) -> Sequential:
             BatchNorm(dtype=dtype), ReLU(), MaxPool2d(2)]
   return Sequential([*block(32), *block(64), Flatten(), Dropout(dropout),
                      Linear(10, dtype=dtype)])
-
-
-class DataParallel:
-  """Placement on an N-device mesh with one ``batch`` axis: :meth:`replicate` for params,
-  state and optimizer state, :meth:`split` for a batch (its leading axis over the devices).
-  ``devices=None`` places nothing (one device, no mesh)."""
-
-  def __init__(self, devices: int | None):
-    self.mesh = None
-    if devices is not None:
-      if devices > jax.device_count():
-        raise ValueError(
-            f"--devices {devices}: only {jax.device_count()} {jax.default_backend()} device(s) "
-            "are visible; on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
-            f"{devices} before starting Python")
-      self.mesh = jax.make_mesh((devices,), ("batch",))
-
-  @property
-  def devices(self) -> int:
-    return 1 if self.mesh is None else self.mesh.size
-
-  def replicate(self, tree):
-    if self.mesh is None:
-      return tree
-    return jax.device_put(tree, NamedSharding(self.mesh, P()))
-
-  def split(self, tree):
-    if self.mesh is None:
-      return tree
-    return jax.device_put(tree, NamedSharding(self.mesh, P("batch")))
-
-  def context(self):
-    """``jax.set_mesh`` of the mesh (the sharding-in-types context), or nothing."""
-    import contextlib  # noqa: PLC0415
-    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
 
 def loss_fn(model, params, state, x, y, key, *, impl, train=True):

@@ -20,10 +20,12 @@ from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embeddi
 from jlayers.linear import linear
 from jlayers.loss import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jlayers.normalization import group_norm, layer_norm, rms_norm
-from jlayers.models import (Composite, Residual, Scope, Sequential, grad_differences,
+from jlayers.parallel import DataParallel
+from jlayers.models import (Composite, Remat, Residual, Scope, Sequential, grad_differences,
                             max_grad_difference)
 from jlayers.pool import avg_pool2d, max_pool2d
 from jlayers.softmax import log_softmax, softmax
+from jlayers.transformer import TransformerLM, transformer_block
 
 from jlayers._impl import op, register_op, registered_ops
 
@@ -90,6 +92,7 @@ __all__ = [
     "BatchNorm",
     "Composite",
     "Conv2d",
+    "DataParallel",
     "Dropout",
     "Embedding",
     "Flatten",
@@ -102,10 +105,13 @@ __all__ = [
     "MultiHeadAttention",
     "RMSNorm",
     "ReLU",
+    "Remat",
     "Residual",
     "Scope",
     "Sequential",
     "SiLU",
+    "TransformerLM",
     "grad_differences",
     "max_grad_difference",
+    "transformer_block",
 ]

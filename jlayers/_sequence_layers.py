@@ -67,7 +67,10 @@ class Embedding(Layer):
     if x.ndim < 1 or x.shape[-1] != self.features:
       raise ValueError(f"Embedding.attend: x must have shape (..., {self.features}), got "
                        f"{tuple(x.shape)}")
-    return _impl.op("linear", impl)(x, table.T)
+    # The barrier keeps XLA from folding the transpose into the weight gradient's product:
+    # XLA:CPU (jaxlib 0.10.2) cannot run a bfloat16 product with both operands transposed and
+    # a float32 result ("Unsupported element type for DotThunk"), which that fold creates.
+    return _impl.op("linear", impl)(x, jax.lax.optimization_barrier(table.T))
 
 
 @dataclasses.dataclass(frozen=True)

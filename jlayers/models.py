@@ -15,7 +15,7 @@ from jlayers import _layer_base as base
 from jlayers import testing
 from jlayers._layer_base import Layer
 
-__all__ = ["Composite", "Residual", "Scope", "Sequential", "grad_differences",
+__all__ = ["Composite", "Remat", "Residual", "Scope", "Sequential", "grad_differences",
            "max_grad_difference"]
 
 
@@ -57,6 +57,12 @@ class Scope:
       self.state[name] = s
     return y
 
+  def params_of(self, name: str):
+    """The params of child ``name``, already called through this scope: for a child's other
+    methods (``Embedding.attend`` of tied output logits)."""
+    _check_called(self.where, name, self.called)
+    return self.params.get(name, {})
+
   def check_unused(self) -> None:
     """Raises ``ValueError`` for params or state entries that no child was called for."""
     for what, tree in (("params", self.params), ("state", self.old_state)):
@@ -74,12 +80,24 @@ class _Recorder:
     self.where = where
     self.called: dict[str, Layer] = {}
     self.inputs: dict[str, jax.ShapeDtypeStruct] = {}
+    self.train, self.impl = False, "manual"
+
+  def params_of(self, name: str):
+    _check_called(self.where, name, self.called)
+    struct = self.inputs[name]
+    return self.called[name].init(jax.random.key(0), struct.shape, dtype=struct.dtype)[0]
 
   def __call__(self, name: str, child: Layer, x):
     _check_child(self.where, name, child, self.called)
     self.inputs.setdefault(name, jax.ShapeDtypeStruct(x.shape, x.dtype))
     params, state = child.init(jax.random.key(0), x.shape, dtype=x.dtype)
     return child.apply(params, state, x, train=False)[0]
+
+
+def _check_called(where: str, name, called: dict) -> None:
+  if name not in called:
+    raise KeyError(f"{where}: params_of({name!r}) before child {name!r} was called "
+                   f"(called: {list(called)})")
 
 
 def _check_child(where: str, name, child, called: dict) -> None:
@@ -189,6 +207,47 @@ class Residual(Composite):
       raise ValueError(f"Residual: the body's output has shape {tuple(h.shape)} but {what} has "
                        f"{tuple(s.shape)}; pass a projection as shortcut=")
     return h + s.astype(h.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat(Layer):
+  """``layer`` with its activations recomputed in the backward pass (:func:`jax.checkpoint`).
+
+  The params, state and output are ``layer``'s own (``init`` and ``apply`` pass them
+  through), so wrapping a block changes memory, not numbers: the forward of ``layer`` runs
+  again during the backward pass instead of keeping what its rules save (or, with
+  ``policy``, a :data:`jax.checkpoint_policies` policy, keeping only what that allows).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jlayers
+    >>> block = jlayers.Remat(jlayers.Sequential([jlayers.Linear(4), jlayers.GELU()]))
+    >>> params, state = block.init(jax.random.key(0), (2, 3))
+    >>> block.apply(params, state, jnp.ones((2, 3)))[0].shape
+    (2, 4)
+  """
+
+  kind: ClassVar[str] = "remat"
+  layer: Layer
+  _: dataclasses.KW_ONLY
+  policy: Any = None
+
+  def __post_init__(self):
+    if not isinstance(self.layer, Layer):
+      raise TypeError(f"Remat: layer must be a jlayers layer, got {type(self.layer).__name__}")
+    if self.policy is not None and not callable(self.policy):
+      raise TypeError(f"Remat: policy must be None or a jax.checkpoint_policies policy, got "
+                      f"{type(self.policy).__name__}")
+
+  def init(self, key, input_shape, *, dtype=jnp.float32):
+    return self.layer.init(key, input_shape, dtype=dtype)
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    base.check_call("Remat", train, impl)
+
+    def run(params, state, x, key):
+      return self.layer.apply(params, state, x, key=key, train=train, impl=impl)
+
+    return jax.checkpoint(run, policy=self.policy)(params, state, x, key)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,7 @@ def test_bfloat16_compute_with_float32_params_runs_end_to_end(example, capsys):
 
 
 def test_devices_beyond_the_visible_ones_is_a_clear_error(example):
-  with pytest.raises(ValueError, match=r"--devices 4: only 1 cpu device\(s\) are visible; on "
-                                       r"a CPU set XLA_FLAGS=--xla_force_host_platform"):
+  with pytest.raises(ValueError, match=r"DataParallel: 4 devices asked for, but only 1 cpu "
+                                       r"device\(s\) are visible; on a CPU set XLA_FLAGS="
+                                       r"--xla_force_host_platform_device_count=4"):
     example.DataParallel(4)
