@@ -1,6 +1,7 @@
-"""The benchmark CNN in peer libraries (Flax linen, PyTorch eager), and the benchmark's timers.
+"""The benchmark models in peer libraries (the CNN in Flax linen and PyTorch eager, the
+transformer LM in Flax linen), their shared batches and optimisers, and the benchmark's timers.
 
-Both build the same architecture as the jlayers train-step benchmark:
+The CNN: both peers build the same architecture as the jlayers train-step benchmark:
 
   x: float32[N, 28, 28, 1]  (NHWC; PyTorch gets the NCHW transpose float32[N, 1, 28, 28])
   → conv 3×3, 32, SAME → BatchNorm → ReLU → maxpool 2×2   float32[N, 14, 14, 32]
@@ -12,6 +13,22 @@ cross-entropy against integer labels ``int[N]``; the optimiser is SGD with momen
 learning rate 0.01. BatchNorm runs in training mode (batch statistics, running statistics
 updated with momentum 0.99 in Flax's convention, i.e. PyTorch ``momentum=0.01``; eps 1e-5) and
 dropout draws a fresh mask every step.
+
+The transformer LM: :func:`flax_transformer_model` builds the architecture of
+``jlayers.TransformerLM(103, context)`` (the transformer train-step benchmark), ≈0.81 M params:
+
+  ids: int32[B, T]  (T ≤ context; the batch is int32[B, context + 1], uniform in [0, 103))
+  → token embedding [103, 128] + learned position embedding [context, 128]  float32[B, T, 128]
+  → 4 pre-norm blocks, each
+      x + out(attention(q(LN(x)), k(LN(x)), v(LN(x)), causal))   4 heads of 32, biases
+      x + Dense 128(GELU tanh(Dense 512(LN(x))))                  float32[B, T, 128]
+  → LayerNorm → logits x @ embeddingᵀ (tied to the token embedding)  float32[B, T, 103]
+
+LayerNorms have eps 1e-5, a scale and an offset; embeddings are initialised with unit-variance
+rows, kernels LeCun-normal, biases zero. The model reads ``ids[:, :-1]`` and the loss is the
+mean softmax cross-entropy against ``ids[:, 1:]``; the optimiser (:func:`transformer_optimizer`)
+clips the global gradient norm to 1 and runs AdamW (learning rate 1e-3, b1 0.9, b2 0.99, weight
+decay 0.1 on kernels and embeddings only).
 
 Flax and PyTorch are optional (``pip install "jlayers[bench]"``) and imported only inside the
 functions here, so ``import jlayers`` never needs them. Each ``*_runner`` returns ``None`` when
@@ -35,6 +52,12 @@ BN_MOMENTUM = 0.99  # Flax convention: running = m * running + (1 - m) * batch.
 TORCH_BN_MOMENTUM = 0.01  # The same, in PyTorch's convention (1 - m).
 BN_EPS = 1e-5
 DROPOUT_RATE = 0.5
+VOCAB_SIZE = 103
+LM_LEARNING_RATE = 1e-3
+LM_BETAS = (0.9, 0.99)
+LM_WEIGHT_DECAY = 0.1
+LM_CLIP_NORM = 1.0
+LN_EPS = 1e-5
 
 
 def time_interleaved(runners: dict[str, Callable[[], Any]], steps: int = 10, warmup: int = 3,
@@ -224,3 +247,109 @@ def torch_runner(batch_size: int = 128, seed: int = 0) -> dict | None:
   step, *_ = torch_setup(batch_size, seed)
   return {"run": step, "temp_bytes": None,
           "version": f"torch {torch.__version__} ({torch.get_num_threads()} threads)"}
+
+
+def synthetic_tokens(batch_size: int = 32, context: int = 64, seed: int = 0) -> np.ndarray:
+  """The transformer benchmark's fixed batch, identical for every implementation.
+
+  Returns:
+    ``ids: int32[batch_size, context + 1]``, uniform in ``[0, VOCAB_SIZE)``: the model reads
+    ``ids[:, :-1]`` and predicts ``ids[:, 1:]``.
+  """
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, VOCAB_SIZE, (batch_size, context + 1)).astype(np.int32)
+
+
+def decay_mask(params):
+  """``True`` for the parameters AdamW decays: those of rank ≥ 2 (kernels and embeddings), but
+  no bias, so that Flax's per-head attention biases ``[heads, head_size]`` are spared as their
+  jlayers counterparts (rank 1) are."""
+  def decays(path, leaf):
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    return leaf.ndim >= 2 and name != "bias"
+
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def transformer_optimizer():
+  """The transformer benchmark's optimiser, identical for every implementation: the global
+  gradient norm clipped to ``LM_CLIP_NORM``, then AdamW with :func:`decay_mask`."""
+  import optax  # noqa: PLC0415
+
+  b1, b2 = LM_BETAS
+  return optax.chain(optax.clip_by_global_norm(LM_CLIP_NORM),
+                     optax.adamw(LM_LEARNING_RATE, b1=b1, b2=b2, weight_decay=LM_WEIGHT_DECAY,
+                                 mask=decay_mask))
+
+
+def flax_transformer_model(context: int, *, features: int = 128, layers: int = 4,
+                           heads: int = 4):
+  """The transformer LM as a Flax linen module (see the module docstring):
+  ``apply({"params": ...}, ids: int32[B, T]) -> logits float32[B, T, VOCAB_SIZE]``, ``T ≤
+  context``. Attention is ``nn.MultiHeadDotProductAttention`` under ``nn.make_causal_mask``."""
+  import flax.linen as nn  # noqa: PLC0415 (optional dependency)
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, mask):
+      h = nn.LayerNorm(epsilon=LN_EPS, name="attention_norm")(x)
+      x = x + nn.MultiHeadDotProductAttention(num_heads=heads, qkv_features=features,
+                                              out_features=features, name="attention")(
+                                                  h, mask=mask)
+      h = nn.LayerNorm(epsilon=LN_EPS, name="mlp_norm")(x)
+      h = nn.gelu(nn.Dense(4 * features, name="fc1")(h), approximate=True)
+      return x + nn.Dense(features, name="fc2")(h)
+
+  class TransformerLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      embed = nn.Embed(VOCAB_SIZE, features, name="embed")
+      positions = jnp.arange(ids.shape[1], dtype=jnp.int32).reshape(1, -1)
+      x = embed(ids) + nn.Embed(context, features, name="position")(positions)
+      mask = nn.make_causal_mask(ids)
+      for i in range(layers):
+        x = Block(name=f"block_{i}")(x, mask)
+      return embed.attend(nn.LayerNorm(epsilon=LN_EPS, name="norm")(x))
+
+  return TransformerLM()
+
+
+def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int = 0,
+                            calls: int = 100, *, features: int = 128, layers: int = 4,
+                            heads: int = 4) -> dict | None:
+  """The jitted Flax transformer training step on :func:`synthetic_tokens`, compiled once with
+  its params and optimiser state donated, ready to time (as ``bench.transformer_runner``).
+
+  Returns:
+    ``{"run": no-argument step, good for ``calls`` calls, "temp_bytes": int | None (compiled
+    temporary memory), "version": "flax X.Y.Z"}``, or ``None`` if Flax is not installed.
+  """
+  try:
+    import flax  # noqa: PLC0415
+  except ImportError:
+    return None
+  import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  model = flax_transformer_model(context, features=features, layers=layers, heads=heads)
+  ids = jnp.asarray(synthetic_tokens(batch_size, context, seed))
+  params = model.init(jax.random.key(seed), ids[:, :-1])["params"]
+  tx = transformer_optimizer()
+
+  def loss_fn(params, ids):
+    logits = model.apply({"params": params}, ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  def step(params, opt_state, ids, key):
+    del key  # no dropout: the step is deterministic
+    loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  key = jax.random.key(seed + 1)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, key).compile()
+  run, temp = compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}

@@ -1,16 +1,22 @@
 """``python -m jlayers.bench``: manual rules against autodiff (and peers), as same-run ratios.
 
-Three sections, each measured in one run on one machine (jit, warm-up, then the implementations
+Four sections, each measured in one run on one machine (jit, warm-up, then the implementations
 timed in alternating rounds so that drift in machine speed falls on all alike; medians):
 
 * **ops** — forward+backward of every registered op at a realistic size (the registry's bench
   case): milliseconds and compiled temporary memory for the manual rule and the autodiff twin,
-  and their ratios (manual / autodiff: below 1 is better).
+  and their ratios (manual / autodiff: below 1 is better). Ops with a peer in
+  :data:`OP_PEERS` (``dot_product_attention``: ``jax.nn.dot_product_attention``) also time the
+  peer on the same inputs and cotangent, interleaved with the other two, in a table of their own.
 * **linear throughput** — ``linear`` forward+backward (three matmuls) against one plain matmul
   of the same size, as a fraction of the matmul's FLOP rate.
 * **train step** — a whole CNN training step (28×28×1, batch 128, SGD with momentum) with
   jlayers manual, jlayers autodiff and, when installed (``pip install "jlayers[bench]"``), the
   same architecture in Flax linen and PyTorch eager.
+* **transformer** — a whole training step of ``jlayers.TransformerLM(103, context)`` (4 pre-norm
+  blocks of 128 features, 4 causal heads, tied logits; batch 32, contexts 64 and 512; global
+  norm clipping and AdamW) with jlayers manual, jlayers autodiff and, when installed, the same
+  architecture in Flax linen.
 
 Prints a Markdown table; ``--json`` prints the same figures for machines.
 """
@@ -25,6 +31,8 @@ import platform
 import re
 import statistics
 import sys
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +46,9 @@ from jlayers import testing
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.models import Sequential
 from jlayers.registry import OPS
+from jlayers.transformer import TransformerLM
 
+SECTIONS = ("ops", "linear", "train", "transformer")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -57,8 +67,38 @@ def fwd_bwd(fn, case, args):
   return jax.jit(run)
 
 
+class Peer(NamedTuple):
+  """Another library's implementation of an op, benchmarked next to the manual rule and twin.
+
+  ``fn`` takes the op's positional arguments and the keyword configuration of its cases;
+  ``title`` and ``label`` name it in the Markdown table, whose heading states ``target``.
+  """
+
+  title: str
+  name: str
+  label: str
+  fn: Callable
+  target: str
+
+
+def _jax_nn_attention(q, k, v, *, mask=None, causal=False, scale=None):
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
+
+
+OP_PEERS: dict[str, Peer] = {
+    "dot_product_attention": Peer(
+        "attention", "jax.nn.dot_product_attention", "jax.nn", _jax_nn_attention,
+        "target: manual temporary memory ≤ 0.1× the twin's at T = 2048, time ≤ 1.0× the "
+        "twin's at both lengths"),
+}
+"""Peers of registry ops, keyed by op name: :func:`bench_op` times them as a third
+implementation."""
+
+
 def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
-  """Manual versus autodiff forward+backward of one of ``spec.bench`` (float32), interleaved."""
+  """Manual versus autodiff forward+backward of one of ``spec.bench`` (float32), interleaved
+  with the op's peer in :data:`OP_PEERS` if it has one (fields ``peer``, ``peer_ms``,
+  ``peer_temp``, ``peer_time_ratio = manual_ms / peer_ms``, ``peer_temp_ratio``)."""
   rng = np.random.default_rng(seed)
   args = case.make(rng, jnp.float32)
   primals = tuple(args[i] for i in case.diff)
@@ -72,6 +112,12 @@ def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) ->
     programs[impl] = canonical_hlo(f.lower(primals, cot).compile().as_text())
     row[f"{impl}_temp"] = temp_bytes(f, primals, cot)
     row[f"{impl}_saved"] = saved_bytes(testing.restrict(fn, case, args), primals)
+  peer = OP_PEERS.get(spec.name)
+  if peer is not None:
+    f = fwd_bwd(peer.fn, case, args)
+    runners["peer"] = functools.partial(f, primals, cot)
+    row["peer"] = peer.name
+    row["peer_temp"] = temp_bytes(f, primals, cot)
   for impl, times in peers.time_interleaved(runners, steps, warmup, rounds).items():
     row[f"{impl}_ms"] = statistics.median(times)
   row["time_ratio"] = row["manual_ms"] / row["autodiff_ms"]
@@ -80,6 +126,9 @@ def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) ->
                        if row["autodiff_temp"] else None)
   row["saved_ratio"] = (row["manual_saved"] / row["autodiff_saved"]
                         if row["autodiff_saved"] else None)
+  if peer is not None:
+    row["peer_time_ratio"] = row["manual_ms"] / row["peer_ms"]
+    row["peer_temp_ratio"] = row["manual_temp"] / row["peer_temp"] if row["peer_temp"] else None
   return row
 
 
@@ -182,6 +231,79 @@ def bench_train_step(steps: int, warmup: int, rounds: int) -> dict:
           for name, s in setups.items()}
 
 
+def transformer_runner(impl: str, context: int = 64, batch_size: int = 32, seed: int = 0,
+                       calls: int = 100, *, features: int = 128, layers: int = 4,
+                       heads: int = 4) -> dict:
+  """The jitted training step of ``TransformerLM(VOCAB_SIZE, context)`` on the peers' token
+  batch (:func:`_bench_peers.synthetic_tokens`) with their optimiser
+  (:func:`_bench_peers.transformer_optimizer`), compiled once with params and optimiser state
+  donated, ready to time (see ``_bench_peers.flax_transformer_runner``)."""
+  model = TransformerLM(peers.VOCAB_SIZE, context, features=features, layers=layers,
+                        heads=heads)
+  ids = jnp.asarray(peers.synthetic_tokens(batch_size, context, seed))
+  params, _ = model.init(jax.random.key(seed), (batch_size, context), dtype=jnp.int32)
+  opt = peers.transformer_optimizer()
+  xent = _impl.op("softmax_cross_entropy_with_integer_labels", impl)
+
+  def loss_fn(params, ids):
+    logits, _ = model.apply(params, {}, ids[:, :-1], impl=impl)
+    return jnp.mean(xent(logits, ids[:, 1:]))
+
+  def step(params, opt_state, ids, key):
+    del key  # no dropout: the step is deterministic
+    loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = opt.init(params)
+  key = jax.random.key(seed + 1)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, key).compile()
+  run, temp = peers.compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"jlayers {jlayers_version}"}
+
+
+TRANSFORMER_TARGET = {"context": 512, "peer": "Flax linen", "time": 0.8, "temp": 0.5}
+"""At this context, jlayers manual should take at most ``time`` × the peer's time per step and
+``temp`` × its compiled temporary memory."""
+
+
+def bench_transformer(steps: int, warmup: int, rounds: int, contexts=(64, 512),
+                      batch_size: int = 32, *, features: int = 128, layers: int = 4,
+                      heads: int = 4) -> list[dict]:
+  """The transformer training step of jlayers manual and autodiff and Flax linen (if installed),
+  timed in alternating rounds, one context after the other.
+
+  Returns:
+    per context, ``{"context", "batch", "features", "layers", "heads", "implementations": {name: {"ms" (median), "ms_all",
+    "fastest_ms", "temp_bytes", "version", "manual_time_ratio" (jlayers manual's ms ÷ this),
+    "manual_temp_ratio" (its temporary memory ÷ this; None when unknown)}}}``.
+  """
+  calls = warmup + 1 + steps * rounds
+  arch = {"features": features, "layers": layers, "heads": heads}
+  results = []
+  for context in contexts:
+    setups = {"jlayers manual": transformer_runner("manual", context, batch_size, calls=calls,
+                                                   **arch),
+              "jlayers autodiff": transformer_runner("autodiff", context, batch_size,
+                                                     calls=calls, **arch),
+              "Flax linen": peers.flax_transformer_runner(context, batch_size, calls=calls,
+                                                          **arch)}
+    setups = {name: s for name, s in setups.items() if s is not None}
+    times = peers.time_interleaved({name: s["run"] for name, s in setups.items()}, steps,
+                                   warmup, rounds)
+    rows = {name: {"ms": statistics.median(times[name]), "ms_all": times[name],
+                   "fastest_ms": min(times[name]), "temp_bytes": s["temp_bytes"],
+                   "version": s["version"]} for name, s in setups.items()}
+    base = rows["jlayers manual"]
+    for r in rows.values():
+      r["manual_time_ratio"] = base["ms"] / r["ms"]
+      r["manual_temp_ratio"] = (base["temp_bytes"] / r["temp_bytes"]
+                                if base["temp_bytes"] is not None and r["temp_bytes"] else None)
+    results.append({"context": context, "batch": batch_size, **arch, "implementations": rows})
+    del setups  # free this context's compiled steps and state before the next
+  return results
+
+
 def _fmt_bytes(b):
   return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
 
@@ -207,6 +329,10 @@ def print_tables(report, out=sys.stdout):
             f"{_fmt_bytes(r['autodiff_temp'])} | {_fmt_ratio(r['temp_ratio'])} | "
             f"{_fmt_bytes(r['manual_saved'])} / {_fmt_bytes(r['autodiff_saved'])} |", file=out)
     print(file=out)
+    for op, peer in OP_PEERS.items():
+      rows = [r for r in report["ops"] if r["op"] == op and "peer" in r]
+      if rows:
+        print_peer_table(peer, rows, out)
   if report.get("per_image"):
     r = report["per_image"]
     print(f"conv2d fwd+bwd per image (manual, 28×28×32→64): batch 127 "
@@ -232,6 +358,45 @@ def print_tables(report, out=sys.stdout):
             f"{_fmt_bytes(r.get('temp_bytes'))} | {_fmt_ratio(base['ms'] / r['ms'])} | "
             f"{_fmt_ratio(mem)} |", file=out)
     print(file=out)
+  if report.get("transformer"):
+    print_transformer_table(report["transformer"], out)
+
+
+def print_peer_table(peer: Peer, rows, out=sys.stdout):
+  """The rows of one op with a peer: manual, twin and peer side by side."""
+  p = peer.label
+  print(f"{peer.title}: manual vs twin vs {peer.name} (fwd+bwd, float32; {peer.target}):\n",
+        file=out)
+  print(f"| size | manual ms | twin ms | {p} ms | manual ÷ twin time | manual ÷ {p} time | "
+        f"manual temp | twin temp | {p} temp | manual ÷ twin temp | manual ÷ {p} temp |",
+        file=out)
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+  for r in rows:
+    print(f"| {r['size']} | {r['manual_ms']:.2f} | {r['autodiff_ms']:.2f} | {r['peer_ms']:.2f} | "
+          f"{_fmt_ratio(r['time_ratio'])} | {_fmt_ratio(r['peer_time_ratio'])} | "
+          f"{_fmt_bytes(r['manual_temp'])} | {_fmt_bytes(r['autodiff_temp'])} | "
+          f"{_fmt_bytes(r['peer_temp'])} | {_fmt_ratio(r['temp_ratio'])} | "
+          f"{_fmt_ratio(r['peer_temp_ratio'])} |", file=out)
+  print(file=out)
+
+
+def print_transformer_table(results, out=sys.stdout):
+  t, a = TRANSFORMER_TARGET, results[0]
+  print(f"Transformer LM training step (vocab {peers.VOCAB_SIZE}, token + position embedding, "
+        f"{a['layers']} pre-norm blocks of {a['features']} features with {a['heads']} causal "
+        f"heads and a {4 * a['features']} GELU MLP, tied logits; clip-by-global-norm 1 + "
+        "AdamW):\n", file=out)
+  print("| context | batch | implementation | ms / step (median) | fastest | temp memory | "
+        "jlayers manual time ÷ this | jlayers manual memory ÷ this |", file=out)
+  print("|---:|---:|---|---:|---:|---:|---:|---:|", file=out)
+  for res in results:
+    for name, r in res["implementations"].items():
+      print(f"| {res['context']} | {res['batch']} | {name} ({r['version']}) | {r['ms']:.1f} | "
+            f"{r['fastest_ms']:.1f} | {_fmt_bytes(r['temp_bytes'])} | "
+            f"{_fmt_ratio(r['manual_time_ratio'])} | {_fmt_ratio(r['manual_temp_ratio'])} |",
+            file=out)
+  print(f"\nTarget: jlayers manual ≤ {t['time']}× {t['peer']} in time and ≤ {t['temp']}× in "
+        f"temporary memory at context {t['context']}.\n", file=out)
 
 
 def machine() -> dict:
@@ -250,8 +415,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jlayers.bench", description=__doc__.split(
       "\n\n")[0])
   parser.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable)")
-  parser.add_argument("--sections", default="ops,linear,train",
-                      help="comma-separated subset of ops,linear,train")
+  parser.add_argument("--sections", default=",".join(SECTIONS),
+                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  parser.add_argument("--contexts", default="64,512",
+                      help="comma-separated contexts of the transformer section (batch 32)")
   parser.add_argument("--steps", type=int, default=10, help="timed runs per measurement")
   parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
   parser.add_argument("--rounds", type=int, default=5,
@@ -259,9 +426,15 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
   args = parser.parse_args(argv)
   sections = set(args.sections.split(","))
-  if sections - {"ops", "linear", "train"} or set(args.op or ()) - set(OPS):
-    parser.error(f"unknown section or op: {sorted(sections - {'ops', 'linear', 'train'})} "
+  if sections - set(SECTIONS) or set(args.op or ()) - set(OPS):
+    parser.error(f"unknown section or op: {sorted(sections - set(SECTIONS))} "
                  f"{sorted(set(args.op or ()) - set(OPS))}; ops: {', '.join(OPS)}")
+  try:
+    contexts = tuple(int(c) for c in args.contexts.split(","))
+  except ValueError:
+    contexts = ()
+  if not contexts or min(contexts) < 1:
+    parser.error(f"--contexts must be comma-separated positive integers, got {args.contexts!r}")
   report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds}
   if "ops" in sections:
@@ -273,6 +446,8 @@ def main(argv=None) -> int:
     report["linear"] = bench_linear_throughput(args.steps, args.warmup, args.rounds)
   if "train" in sections:
     report["train"] = bench_train_step(args.steps, args.warmup, args.rounds)
+  if "transformer" in sections:
+    report["transformer"] = bench_transformer(args.steps, args.warmup, args.rounds, contexts)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()

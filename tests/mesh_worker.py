@@ -7,6 +7,7 @@ starts). Prints one JSON object; importing this module runs nothing.
   formulations of the platform-dependent rules): compiles or not, the relative error against
   the same function on one device, and the collectives of the compiled program.
 * ``train_step``: one training step of the digits CNN on 8 devices against 1 device.
+* ``charlm_step``: the same for the character transformer of ``examples/train_charlm.py``.
 * ``sync_batch_norm``: batch norm with ``axis_name`` under shard_map, pmap and vmap.
 """
 
@@ -106,9 +107,9 @@ def op_rows() -> list[dict]:
   return rows
 
 
-def _example():
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-  spec = importlib.util.spec_from_file_location("train_digits", path)
+def _example(name="train_digits"):
+  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -142,6 +143,40 @@ def train_step(batch: int = 48) -> dict:
     out[impl] = {"params": rel_err(many[0], one[0]), "state": rel_err(many[1], one[1]),
                  "loss": rel_err(many[3], one[3]), "loss_value": float(one[3]),
                  **collectives(compiled.as_text(), batch)}
+  return out
+
+
+def charlm_step(batch: int = 24) -> dict:
+  """One step of the character transformer's training loop (a small model: one block, context
+  8) on one device and on ``DEVICES``, from the same params, optimizer state and batch: the
+  largest relative difference of params and loss per implementation, and the collectives of
+  the 8-device step."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  import jlayers  # noqa: PLC0415
+
+  ex = _example("train_charlm")
+  vocab, train_ids, _ = ex.load_data()
+  model = ex.build_model(len(vocab), context=8, features=16, layers=1, heads=2)
+  params, _ = model.init(jax.random.key(0), (batch, 8), dtype=jnp.int32)
+  optimizer, _ = ex.make_optimizer(10)
+  opt_state = optimizer.init(params)
+  ids = ex.random_windows(np.random.default_rng(0), train_ids, batch, 8)
+  out = {}
+  with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 and float
+    copy = lambda tree: jax.tree_util.tree_map(jnp.copy, tree)  # noqa: E731 (steps donate)
+    for impl in ("manual", "autodiff"):
+      one = ex.make_train_step(model, optimizer, impl)(copy(params), copy(opt_state), ids)
+      placement = jlayers.DataParallel(DEVICES)
+      p, o = placement.replicate(copy((params, opt_state)))
+      with placement.context():
+        compiled = ex.make_train_step(model, optimizer, impl).lower(
+            p, o, placement.split(ids)).compile()
+        many = compiled(p, o, placement.split(ids))
+      out[impl] = {"params": rel_err(many[0], one[0]), "loss": rel_err(many[2], one[2]),
+                   **collectives(compiled.as_text(), batch)}
   return out
 
 
@@ -211,7 +246,7 @@ def main() -> int:
     print(f"needs {DEVICES} devices, got {jax.device_count()}", file=sys.stderr)
     return 2
   report = {}
-  for name, fn in (("ops", op_rows), ("train_step", train_step),
+  for name, fn in (("ops", op_rows), ("train_step", train_step), ("charlm_step", charlm_step),
                    ("sync_batch_norm", sync_batch_norm)):
     try:
       report[name] = fn()

@@ -1,10 +1,16 @@
-"""``python -m jlayers.bench``: a tiny run of the op and linear sections (no timing asserted)."""
+"""``python -m jlayers.bench``: tiny runs of its sections (no timing asserted)."""
 
 import contextlib
+import importlib.util
 import io
 import json
 
+import jax
+import pytest
+
 from jlayers import bench
+from jlayers.registry import OPS
+from jlayers.testing import Case, normal
 
 
 def test_bench_reports_ratios_for_an_op_and_linear_throughput():
@@ -35,3 +41,58 @@ def test_canonical_hlo_ignores_names_only():
   b = "%fusion = f32[2] add(%p, %q), metadata={op_name=\"b\"}\nROOT %r = (f32[2]) tuple(%fusion)"
   c = "%fusion = f32[2] multiply(%p, %q)\nROOT %r = (f32[2]) tuple(%fusion)"
   assert bench.canonical_hlo(a) == bench.canonical_hlo(b) != bench.canonical_hlo(c)
+
+
+def _small_attention_case(causal):
+  def make(rng, dtype):
+    return tuple(normal(rng, (2, 64, 2, 8), dtype) for _ in range(3))
+  return Case("2x64x2x8" + ("-causal" if causal else ""), make,
+              {"causal": True} if causal else {}, diff=(0, 1, 2), batched=(0, 1, 2))
+
+
+def test_attention_rows_carry_the_jax_nn_peer():
+  spec = OPS["dot_product_attention"]
+  rows = [bench.bench_op(spec, _small_attention_case(causal), 1, 1, 1) for causal in (False, True)]
+  for row in rows:
+    assert row["peer"] == "jax.nn.dot_product_attention"
+    assert row["peer_ms"] > 0 and row["peer_temp"] > 0
+    assert row["peer_time_ratio"] == row["manual_ms"] / row["peer_ms"]
+    assert row["peer_temp_ratio"] == row["manual_temp"] / row["peer_temp"]
+  relu = bench.bench_op(OPS["relu"], OPS["relu"].cases[0], 1, 1, 1)
+  assert "peer" not in relu  # only ops in OP_PEERS get the extra implementation
+  out = io.StringIO()
+  bench.print_tables({"machine": bench.machine(), "steps": 1, "warmup": 1, "rounds": 1,
+                      "ops": [relu, *rows]}, out)
+  text = out.getvalue()
+  assert "attention: manual vs twin vs jax.nn.dot_product_attention" in text
+  assert "0.1× the twin's at T = 2048" in text
+  assert text.count("| 2x64x2x8") == 4  # in the op table and in the peer table
+
+
+def test_transformer_section_in_a_tiny_configuration():
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes int32 and float
+    results = bench.bench_transformer(1, 1, 1, contexts=(8,), batch_size=2, features=16,
+                                      layers=1, heads=2)
+  (res,) = results
+  assert (res["context"], res["batch"], res["features"]) == (8, 2, 16)
+  rows = res["implementations"]
+  expected = ["jlayers manual", "jlayers autodiff"]
+  if importlib.util.find_spec("flax") is not None:
+    expected.append("Flax linen")
+  assert list(rows) == expected  # without Flax its row is skipped, not an error
+  base = rows["jlayers manual"]
+  for r in rows.values():
+    assert r["ms"] > 0 and r["fastest_ms"] <= r["ms"] and r["temp_bytes"] > 0
+    assert r["manual_time_ratio"] == base["ms"] / r["ms"]
+    assert r["manual_temp_ratio"] == base["temp_bytes"] / r["temp_bytes"]
+  assert base["manual_time_ratio"] == base["manual_temp_ratio"] == 1.0
+  out = io.StringIO()
+  bench.print_transformer_table(results, out)
+  assert "| 8 | 2 | jlayers autodiff" in out.getvalue()
+  assert "≤ 0.8× Flax linen in time and ≤ 0.5× in temporary memory at context 512" in (
+      out.getvalue())
+
+
+def test_bench_rejects_bad_contexts():
+  with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+    bench.main(["--sections", "transformer", "--contexts", "64,x"])
