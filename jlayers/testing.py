@@ -101,16 +101,22 @@ class OpSpec:
     return tuple(self.case(i) for i in self.representative)
 
 
+def _host(v: np.ndarray, dtype) -> jax.Array:
+  """``v`` rounded to ``dtype`` by NumPy, then put on the device: no program is compiled for
+  the conversion (the suites build thousands of arrays of distinct shapes)."""
+  return jax.device_put(np.asarray(v, dtype=jnp.dtype(dtype)))
+
+
 def normal(rng: np.random.Generator, shape, dtype, scale: float = 1.0):
   """Standard normal array of ``shape`` in ``dtype`` (drawn in float64, then cast)."""
-  return jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
+  return _host(scale * rng.standard_normal(shape), dtype)
 
 
 def away_from_zero(rng: np.random.Generator, shape, dtype, gap: float = 0.1):
   """Normal values with ``|v| >= gap``: keeps finite differences off a kink at 0."""
   v = rng.standard_normal(shape)
   v = np.where(np.abs(v) < gap, np.sign(v + 1e-12) * gap, v)
-  return jnp.asarray(v, dtype=dtype)
+  return _host(v, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +138,7 @@ def restrict(fn, case: Case, args: tuple):
 def random_like(rng: np.random.Generator, tree):
   """A standard-normal pytree with the shapes and dtypes of ``tree``."""
   return jax.tree_util.tree_map(
-      lambda a: jnp.asarray(rng.standard_normal(a.shape), dtype=a.dtype), tree)
+      lambda a: _host(rng.standard_normal(a.shape), a.dtype), tree)
 
 
 def rel_err(a: jax.Array, ref: jax.Array) -> tuple[float, float]:
@@ -143,13 +149,14 @@ def rel_err(a: jax.Array, ref: jax.Array) -> tuple[float, float]:
   dtype's smallest normal number so an all-zero reference gives the absolute error scaled,
   not inf. An infinity or NaN where the other side differs makes the error inf or NaN.
   """
-  wide = jnp.float64 if ref.dtype == jnp.float64 else jnp.float32
-  a, ref = jnp.asarray(a).astype(wide), jnp.asarray(ref).astype(wide)
+  wide = np.float64 if ref.dtype == jnp.float64 else np.float32
+  a, ref = np.asarray(a).astype(wide), np.asarray(ref).astype(wide)  # on the host
   if ref.size == 0:
     return 0.0, 0.0
-  diff = float(jnp.max(jnp.where(a == ref, jnp.zeros_like(a), jnp.abs(a - ref))))
-  finite = jnp.where(jnp.isfinite(ref), jnp.abs(ref), jnp.zeros_like(ref))
-  scale = max(float(jnp.max(finite)), float(jnp.finfo(wide).tiny))
+  with np.errstate(invalid="ignore"):  # inf - inf where the two differ is NaN: an error
+    diff = float(np.max(np.where(a == ref, 0.0, np.abs(a - ref))))
+  scale = max(float(np.max(np.where(np.isfinite(ref), np.abs(ref), 0.0))),
+              float(np.finfo(wide).tiny))
   return diff, diff / scale
 
 
@@ -336,7 +343,8 @@ def _check(manual, reference, case, args, *, rtol, vmap, dtypes, seed, raises, m
 
 def _vmap_error(manual, reference, case, args, primals, cot, rng) -> float:
   """The manual VJP under ``vmap`` over two stacked examples against the twin's per example."""
-  second = tuple(p + jnp.asarray(0.1 * rng.standard_normal(p.shape), p.dtype) for p in primals)
+  second = tuple(_host(np.asarray(p) + 0.1 * rng.standard_normal(p.shape), p.dtype)
+                 for p in primals)
   cot2 = random_like(rng, cot)
   stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
   batched = jax.tree_util.tree_map(stack, (primals, cot), (second, cot2))

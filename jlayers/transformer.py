@@ -65,8 +65,8 @@ class TransformerLM(Composite):
     >>> import jax, jax.numpy as jnp, jlayers
     >>> model = jlayers.TransformerLM(11, 8, features=16, layers=2, heads=2)
     >>> params, _ = model.init(jax.random.key(0), (2, 8), dtype=jnp.int32)
-    >>> logits, _ = model.apply(params, {}, jnp.zeros((2, 8), jnp.int32))
-    >>> logits.shape
+    >>> forward = jax.jit(lambda params, ids: model.apply(params, {}, ids)[0])
+    >>> forward(params, jnp.zeros((2, 8), jnp.int32)).shape
     (2, 8, 11)
   """
 

@@ -53,13 +53,18 @@ def test_ci_runs_exactly_the_readmes_test_command():
 
 
 def test_readme_python_blocks_run():
-  tour, composite, own_op = _readme_blocks("python")
+  tour, transformer, composite, own_op = _readme_blocks("python")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # as users run it (optax mixes int and float)
     exec(compile(tour, "README.md", "exec"), namespace)  # noqa: S102
   for a, b in zip(namespace["g_manual"], namespace["g_auto"]):
     assert float(abs(a - b).max() / abs(b).max()) < 1e-5
   assert namespace["worst"] < 1e-3
+  namespace = {}
+  exec(compile(transformer, "README.md", "exec"), namespace)  # noqa: S102
+  differences = namespace["differences"]
+  assert len(differences) > 30
+  assert max(v for k, v in differences.items() if "'key']['bias'" not in k) < 1e-12
   namespace = {}
   exec(compile(composite, "README.md", "exec"), namespace)  # noqa: S102
   assert sorted(namespace["params"]) == ["bn1", "bn2", "bn_proj", "conv1", "conv2", "proj"]

@@ -23,6 +23,8 @@ BOTH = pytest.mark.parametrize(
     "fn", [jlayers.softmax, jlayers.reference.softmax, jlayers.log_softmax,
            jlayers.reference.log_softmax],
     ids=["softmax-manual", "softmax-twin", "log_softmax-manual", "log_softmax-twin"])
+MANUAL = pytest.mark.parametrize("fn", [jlayers.softmax, jlayers.log_softmax],
+                                 ids=["softmax", "log_softmax"])
 
 # Row 0: probabilities 1/6, 2/6, 3/6 and a masked 7; row 1: fully masked.
 X = [[0.0, math.log(2.0), math.log(3.0), 7.0], [1.0, 2.0, 3.0, 4.0]]
@@ -31,8 +33,11 @@ P = [1 / 6, 2 / 6, 3 / 6]
 
 
 def _vjp(fn, x, cot, **kwargs):
-  y, pullback = jax.vjp(lambda x: fn(x, **kwargs), x)
-  return y, pullback(cot)[0]
+  """``fn``'s output and VJP at ``x``, jitted (one compile rather than one per operation)."""
+  def run(x, cot):
+    y, pullback = jax.vjp(lambda x: fn(x, **kwargs), x)
+    return y, pullback(cot)[0]
+  return jax.jit(run)(x, cot)
 
 
 def _is_log(fn):
@@ -91,9 +96,9 @@ def test_log_softmax_golden_values_and_gradients(fn):
 
 # --- agreement with jax.nn ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("axis", [-1, 1, (0, 2)], ids=str)
+@pytest.mark.parametrize("axis", [-1, (0, 2)], ids=str)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "where"])
-@BOTH
+@MANUAL
 def test_agrees_with_jax_nn_in_float64(fn, axis, masked):
   """Values and VJPs; with a mask that leaves every row (along ``axis``) an unmasked entry."""
   rng = np.random.default_rng(0)
@@ -154,7 +159,7 @@ def test_logits_of_1e4_are_finite_and_accurate_in_float32(fn):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@BOTH
+@MANUAL
 def test_half_precision_is_computed_in_float32_and_rounded_once(fn, dtype):
   where = np.arange(24).reshape(4, 6) % 5 != 0
   x = jnp.linspace(-6.0, 6.0, 24, dtype=dtype).reshape(4, 6)
@@ -163,8 +168,8 @@ def test_half_precision_is_computed_in_float32_and_rounded_once(fn, dtype):
                                   fn(x.astype(jnp.float32), **kwargs).astype(dtype))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
-@BOTH
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+@MANUAL
 def test_output_and_gradient_dtypes_are_the_inputs(fn, dtype):
   with jax.enable_x64(True):
     x = jnp.linspace(-2.0, 2.0, 12, dtype=dtype).reshape(3, 4)
@@ -186,7 +191,7 @@ def test_axes_are_normalised_and_where_broadcasts_explicitly(fn):
 
 # --- masked log-softmax against its twin: hessian and check_grads on the finite entries ---------
 
-@pytest.mark.parametrize("axis, shape", [(-1, (3, 2, 5)), ((0, 2), (3, 2, 5))], ids=str)
+@pytest.mark.parametrize("axis, shape", [((0, 2), (3, 2, 5))], ids=str)
 def test_masked_log_softmax_matches_its_twin_to_second_order(axis, shape):
   where = np.arange(30).reshape(shape) % 3 != 1
   where[:, 1] = False  # fully masked rows for both reductions
