@@ -336,11 +336,23 @@ def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int =
   model = flax_transformer_model(context, features=features, layers=layers, heads=heads)
   ids = jnp.asarray(synthetic_tokens(batch_size, context, seed))
   params = model.init(jax.random.key(seed), ids[:, :-1])["params"]
-  tx = transformer_optimizer()
 
   def loss_fn(params, ids):
     logits = model.apply({"params": params}, ids[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  run, temp = lm_step_runner(loss_fn, params, ids, seed, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}
+
+
+def lm_step_runner(loss_fn, params, ids, seed: int, calls: int):
+  """The training step ``(params, opt_state, ids, key) -> (params, opt_state, loss)`` of
+  ``loss_fn(params, ids)`` with :func:`transformer_optimizer` (the same for every
+  implementation), jitted and compiled once with params and optimiser state donated; returns
+  :func:`compiled_step_runner`'s ``(run, temp_bytes)``."""
+  import optax  # noqa: PLC0415
+
+  tx = transformer_optimizer()
 
   def step(params, opt_state, ids, key):
     del key  # no dropout: the step is deterministic
@@ -351,5 +363,4 @@ def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int =
   opt_state = tx.init(params)
   key = jax.random.key(seed + 1)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, key).compile()
-  run, temp = compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)
-  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}
+  return compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)

@@ -72,8 +72,20 @@ class _Norm(Layer):
         base.initializer(where, name, getattr(self, name))
 
 
+class _AxesNorm(_Norm):
+  """Layer and RMS norm: ``axis`` an int or a tuple, params shaped like those axes."""
+
+  def __post_init__(self):
+    base.set_field(self, "axis", _axes_field(type(self).__name__, self.axis))
+    self._check_fields()
+
+  def _param_shape(self, shape):
+    axes = _checks.axes(type(self).__name__, "axis", self.axis, len(shape))
+    return tuple(shape[a] for a in axes)
+
+
 @dataclasses.dataclass(frozen=True)
-class LayerNorm(_Norm):
+class LayerNorm(_AxesNorm):
   """Layer normalisation over ``axis`` (the features; an int or a tuple of axes), see
   :func:`jlayers.layer_norm`. Params: ``scale`` (ones) and ``offset`` (zeros), shaped like
   ``x``'s normalised axes, each dropped with ``use_scale=False`` / ``use_offset=False``."""
@@ -89,13 +101,6 @@ class LayerNorm(_Norm):
   scale_init: Initializer = initializers.ones
   offset_init: Initializer = initializers.zeros
 
-  def __post_init__(self):
-    base.set_field(self, "axis", _axes_field("LayerNorm", self.axis))
-    self._check_fields()
-
-  def _param_shape(self, shape):
-    return tuple(shape[a] for a in _checks.axes("LayerNorm", "axis", self.axis, len(shape)))
-
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("LayerNorm", train, impl)
     scale, offset = self._params(params)
@@ -105,7 +110,7 @@ class LayerNorm(_Norm):
 
 
 @dataclasses.dataclass(frozen=True)
-class RMSNorm(_Norm):
+class RMSNorm(_AxesNorm):
   """Root-mean-square normalisation over ``axis``, see :func:`jlayers.rms_norm`. Params:
   ``scale`` (ones) shaped like the normalised axes, dropped with ``use_scale=False``."""
 
@@ -117,13 +122,6 @@ class RMSNorm(_Norm):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   scale_init: Initializer = initializers.ones
-
-  def __post_init__(self):
-    base.set_field(self, "axis", _axes_field("RMSNorm", self.axis))
-    self._check_fields()
-
-  def _param_shape(self, shape):
-    return tuple(shape[a] for a in _checks.axes("RMSNorm", "axis", self.axis, len(shape)))
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     base.check_call("RMSNorm", train, impl)

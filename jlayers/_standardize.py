@@ -46,8 +46,9 @@ def moments(x: jax.Array, axes: tuple[int, ...], *, centered: bool = True, axis_
   return mean, reduced_sum(centred * centred, axes, axis_name) / n, n, centred
 
 
-def standardized_grad(ghat: jax.Array, xhat: jax.Array, rstd: jax.Array, n, *,
-                      axes: tuple[int, ...] = (), sums=None, centered: bool = True):
+def standardized_grad(ghat: jax.Array, v: jax.Array, rstd: jax.Array, n, *,
+                      v_is_xhat: bool = True, axes: tuple[int, ...] = (), sums=None,
+                      centered: bool = True):
   r"""``∂L/∂x`` of ``x̂ = (x − μ)·r`` (or ``x·r``) over ``R``, given ``ĝ = ∂L/∂x̂``.
 
   Centred. From :math:`∂μ/∂x_i = 1/N` and :math:`∂σ^2/∂x_i = 2 (x_i - μ)/N` (the ``μ`` term
@@ -75,13 +76,22 @@ def standardized_grad(ghat: jax.Array, xhat: jax.Array, rstd: jax.Array, n, *,
   Neither depends on ``ε``: it enters through ``r`` only. With an affine map
   ``y = γ x̂ + β``, ``ĝ = γ · ∂L/∂y`` elementwise, whatever axes ``γ`` varies along.
 
+  The same in the centred input ``c = x − μ`` (``x`` for RMS), with ``x̂ = c r`` substituted:
+
+  .. math::
+    dx_i = r \Big(ĝ_i - \frac1N Σ_j ĝ_j\Big) - c_i · r^3 \frac1N Σ_j ĝ_j c_j
+
+  which a rule that keeps ``x`` rather than ``x̂`` evaluates without forming ``x̂`` at all
+  (one fused pass over ``ĝ`` and ``c`` for the sums, one for ``dx``).
+
   Args:
     ghat: float[...] ``ĝ``, at least float32.
-    xhat: float[...] ``x̂``, in ``ghat``'s dtype.
-    rstd: float[...] ``r``, keepdims over the reduced axes (broadcasts against ``x̂``).
+    v: float[...] ``x̂`` (``v_is_xhat``), or the centred input ``c``, in ``ghat``'s dtype.
+    rstd: float[...] ``r``, keepdims over the reduced axes (broadcasts against ``v``).
     n: ``N`` (a Python int, or a traced count summed over devices).
+    v_is_xhat: whether ``v`` is ``x̂`` or ``c``.
     axes: the reduced axes, for the two sums (ignored when ``sums`` is given).
-    sums: optional precomputed ``(Σ_R ĝ, Σ_R ĝ x̂)``, keepdims, e.g. summed over devices or
+    sums: optional precomputed ``(Σ_R ĝ, Σ_R ĝ v)``, keepdims, e.g. summed over devices or
       with a ``γ`` constant over ``R`` factored out of the sums (batch norm).
     centered: ``False`` for RMS (``Σ_R ĝ`` is then not needed).
 
@@ -90,9 +100,10 @@ def standardized_grad(ghat: jax.Array, xhat: jax.Array, rstd: jax.Array, n, *,
   """
   if sums is None:
     sum_g = reduced_sum(ghat, axes) if centered else None
-    sums = (sum_g, reduced_sum(ghat * xhat, axes))
-  sum_g, sum_gx = sums
-  inner = ghat - xhat * (sum_gx / n)
+    sums = (sum_g, reduced_sum(ghat * v, axes))
+  sum_g, sum_gv = sums
+  factor = rstd if v_is_xhat else rstd * rstd * rstd
+  dx = rstd * ghat - v * (factor * sum_gv / n)
   if centered:
-    inner = inner - sum_g / n
-  return rstd * inner
+    dx = dx - rstd * sum_g / n
+  return dx

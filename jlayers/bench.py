@@ -242,23 +242,13 @@ def transformer_runner(impl: str, context: int = 64, batch_size: int = 32, seed:
                         heads=heads)
   ids = jnp.asarray(peers.synthetic_tokens(batch_size, context, seed))
   params, _ = model.init(jax.random.key(seed), (batch_size, context), dtype=jnp.int32)
-  opt = peers.transformer_optimizer()
   xent = _impl.op("softmax_cross_entropy_with_integer_labels", impl)
 
   def loss_fn(params, ids):
     logits, _ = model.apply(params, {}, ids[:, :-1], impl=impl)
     return jnp.mean(xent(logits, ids[:, 1:]))
 
-  def step(params, opt_state, ids, key):
-    del key  # no dropout: the step is deterministic
-    loss, grads = jax.value_and_grad(loss_fn)(params, ids)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  opt_state = opt.init(params)
-  key = jax.random.key(seed + 1)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, key).compile()
-  run, temp = peers.compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)
+  run, temp = peers.lm_step_runner(loss_fn, params, ids, seed, calls)
   return {"run": run, "temp_bytes": temp, "version": f"jlayers {jlayers_version}"}
 
 

@@ -220,9 +220,9 @@ def _normalize_fwd(config, x, scale, offset):
   """Saves ``x`` and ``scale`` (inputs: no memory of the rule's own) and the per-row ``μ``
   (centred forms only) and ``r = (σ² + ε)^{-1/2}``, one float each per statistic.
 
-  The closed form needs ``x̂``, which is ``(x − μ)·r`` again: recomputing it in the backward is
-  one fused elementwise pass, where saving it would keep a second array of ``x``'s size (in
-  float32 for half-precision ``x``). ``μ`` and ``r`` are differentiable functions of ``x`` (no
+  The closed form needs ``x − μ`` (or ``x̂ = (x − μ)·r``): recomputing it in the backward is
+  part of one fused elementwise pass, where saving it would keep a second array of ``x``'s
+  size (in float32 for half-precision ``x``). ``μ`` and ``r`` are differentiable functions of ``x`` (no
   ``stop_gradient``), so the rule can be differentiated again.
   """
   xhat, mean, rstd = _standardize_view(config, x)
@@ -244,26 +244,30 @@ def _normalize_bwd(config, res, g):
 
   .. math::
     dx = r \big(ĝ - \mathrm{mean}_R ĝ - \hat x \, \mathrm{mean}_R (ĝ \hat x)\big)
+       = r \big(ĝ - \mathrm{mean}_R ĝ\big) - c\, r^3 \mathrm{mean}_R (ĝ c)
 
-  (without the middle term for RMS norm). For layer and RMS norm ``γ`` varies along ``R``
-  itself, for group norm along part of it (a group's channels), so the sums of ``ĝ`` cannot
-  be factored through ``dβ`` and ``dγ`` as batch norm's can. Work is in at least float32;
+  (without the mean of ``ĝ`` for RMS norm), evaluated in the second form, in the centred
+  input ``c = x − μ`` (``x`` for RMS) recomputed here, so that ``x̂`` is never formed. For
+  layer and RMS norm ``γ`` varies along ``R`` itself, for group norm along part of it (a
+  group's channels), so the sums of ``ĝ`` cannot be factored through ``dβ`` and ``dγ`` as
+  batch norm's can. Work is in at least float32;
   each cotangent is cast to its input's dtype.
   """
   x, scale, mean, rstd = res
   cdt = rstd.dtype
   xv = x.astype(cdt).reshape(config.view)
-  xhat = (xv - mean) * rstd if config.centered else xv * rstd
+  centred = xv - mean if config.centered else xv
   gy = g.astype(cdt).reshape(config.view)
   ghat = gy if scale is None else gy * _broadcast(config, scale, cdt)
   n = _standardize.count(xv, config.axes)
-  dx = _standardize.standardized_grad(ghat, xhat, rstd, n, axes=config.axes,
-                                      centered=config.centered)
+  dx = _standardize.standardized_grad(ghat, centred, rstd, n, v_is_xhat=False,
+                                      axes=config.axes, centered=config.centered)
   outer = tuple(a for a in range(xv.ndim) if a not in config.param_axes)
+
   def param_grad(v, dtype):
     return jnp.sum(v, axis=outer).reshape(config.param_shape).astype(dtype)
 
-  dscale = None if scale is None else param_grad(gy * xhat, scale.dtype)
+  dscale = None if scale is None else param_grad(gy * centred * rstd, scale.dtype)
   doffset = None if config.offset is None else param_grad(gy, config.offset)
   return dx.reshape(x.shape).astype(x.dtype), dscale, doffset
 

@@ -13,9 +13,7 @@ starts). Prints one JSON object; importing this module runs nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import re
 import sys
 import traceback
@@ -108,11 +106,9 @@ def op_rows() -> list[dict]:
 
 
 def _example(name="train_digits"):
-  path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from helpers import load_example  # noqa: PLC0415 (tests/ is this script's directory)
+
+  return load_example(name)
 
 
 def train_step(batch: int = 48) -> dict:

@@ -1,22 +1,17 @@
 """Smoke test of ``examples/train_digits.py``: one short epoch on a subset, end to end."""
 
-import importlib.util
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import load_example
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-  spec = importlib.util.spec_from_file_location("train_digits", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_example("train_digits")
 
 
 def test_data_split_is_stratified_nhwc_in_unit_range(example):

@@ -1,25 +1,20 @@
 """Smoke test of ``examples/train_charlm.py``: the data, the evaluation, generation, and a
 short run end to end (the full run's targets are in the README)."""
 
-import importlib.util
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_example
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_charlm.py"
 TINY = {"context": 16, "features": 16, "layers": 1, "heads": 2}
 
 
 @pytest.fixture(scope="module")
 def example():
-  spec = importlib.util.spec_from_file_location("train_charlm", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_example("train_charlm")
 
 
 def test_the_text_ships_with_python_and_splits_90_10(example):
