@@ -21,10 +21,20 @@ from jlayers import _checks, _sharding
 
 _OP = "dot_product_attention"
 
-BLOCK_Q = 128
-"""Query rows per block (fewer when the sequence is shorter)."""
-BLOCK_K = 128
-"""Keys per block (fewer when the sequence is shorter)."""
+BLOCK = 128
+"""Query rows or keys per block along a sequence longer than :data:`SHORT_SEQUENCE`."""
+SHORT_BLOCK = 64
+"""Query rows or keys per block along a sequence of at most :data:`SHORT_SEQUENCE` (fewer when
+the sequence is shorter still)."""
+SHORT_SEQUENCE = 512
+
+
+def _block_size(length: int) -> int:
+  """Rows per block along a sequence of ``length`` positions. On XLA:CPU, blocks of 64 made a
+  fwd+bwd at 512 positions 3–17 % faster than blocks of 128 (B=4, N=8, H=64) and a
+  transformer training step at context 512 (H=32) about 10 % faster; blocks of 128 were
+  8–10 % faster at 1 024 and 2 048 positions, where there are 4× as many blocks to visit."""
+  return max(1, min(length, SHORT_BLOCK if length <= SHORT_SEQUENCE else BLOCK))
 
 
 class _Config(NamedTuple):
@@ -69,7 +79,7 @@ def _validate(q, k, v, mask, causal, scale):
   elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(
       scale):
     raise TypeError(f"{_OP}: scale must be None or a finite float, got {scale!r}")
-  config = _Config(bool(causal), float(scale), max(1, min(t, BLOCK_Q)), max(1, min(s, BLOCK_K)))
+  config = _Config(bool(causal), float(scale), _block_size(t), _block_size(s))
   return q, k, v, mask, config
 
 
@@ -92,7 +102,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   heads (``N = K``: multi-head; ``K = 1``: multi-query). A query row whose every key is
   masked gets output 0 and gradient 0 (never NaN); so does every row when ``S = 0``.
 
-  The forward visits blocks of :data:`BLOCK_Q` queries × :data:`BLOCK_K` keys with an online
+  The forward visits blocks of queries × keys (:data:`BLOCK` of each, or
+  :data:`SHORT_BLOCK` along a sequence of at most :data:`SHORT_SEQUENCE`) with an online
   softmax (a running maximum and sum per query row), skipping blocks entirely above the
   diagonal when ``causal``; it saves ``q``, ``k``, ``v``, the output and one log-sum-exp per query row
   (float32, or float64 for float64 inputs). Scores and probabilities are computed in at least

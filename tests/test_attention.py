@@ -124,7 +124,7 @@ def test_a_mask_agrees_with_jax_nn_on_rows_that_see_a_key():
 @BOTH
 @pytest.mark.parametrize("t, s", [(4, 5), (140, 150)])
 def test_a_row_with_every_key_masked_gives_zero_output_and_gradient(fn, t, s):
-  """Also in the block loop (T, S > 128): the fully masked rows span blocks."""
+  """Also in the block loop (T, S > 64, the block size): the fully masked rows span blocks."""
   rng = np.random.default_rng(2)
   mask = np.ones((1, 2, t, s), bool)
   mask[0, 0, 1] = False
@@ -177,6 +177,11 @@ def test_causal_blocks_above_the_diagonal_are_skipped():
   assert len(attention._blocks(config._replace(causal=False), x, x, x, None).pairs[0]) == 9
 
 
+def test_block_size_is_64_up_to_512_positions_and_128_beyond():
+  assert [attention._block_size(n) for n in (0, 1, 20, 64, 65, 512, 513, 2048)] == [
+      1, 1, 20, 64, 64, 64, 128, 128]
+
+
 def _largest_intermediate(fn, *args):
   """The most elements of any value computed by ``fn``, through every nested jaxpr."""
   def walk(jaxpr):
@@ -196,7 +201,7 @@ def _largest_intermediate(fn, *args):
 
 def test_forward_and_backward_never_form_a_t_by_s_array():
   """Linear memory, structurally: with T = S = 512 no value of the forward or the backward
-  has as many elements as one head's T × S scores (a 128 × 128 block per head does)."""
+  has as many elements as one head's T × S scores (a 64 × 64 block per head does)."""
   t, heads = 512, 2
   q = jnp.ones((1, t, heads, 4))
 

@@ -1,7 +1,7 @@
 """Grid for ``dot_product_attention``: multi-head, grouped-query and multi-query heads,
 ``T ≠ S``, causal, masks of every broadcast shape (with fully masked rows), a given scale, and
-sequences longer than one block (``BLOCK_Q = BLOCK_K = 128``) that are no multiple of it, so
-that the block loop, its causal skipping and its padding run.
+sequences longer than one block (64 positions up to 512, 128 beyond) that are no multiple of
+it, so that the block loop, its causal skipping and its padding run.
 
 Masks are fixed per case (a NumPy generator seeded by the case) and passed as the ``mask``
 keyword.
