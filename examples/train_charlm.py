@@ -280,7 +280,8 @@ def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, head
       f"{steps} steps; training {train_time:.1f} s ({steps / train_time:.2f} steps/s)")
   text = None
   if sample_length:
-    single = jax.device_put(params, jax.devices()[0]) if placement.devices > 1 else params
+    # Through the host: an array put on one device keeps the mesh in its type.
+    single = jax.device_put(jax.device_get(params)) if placement.devices > 1 else params
     text = generate(model, single, vocab, prompt, sample_length, jax.random.fold_in(key, 1),
                     impl=impl)
     log(f"sample ({sample_length} characters after the prompt {prompt!r}):\n{text}")

@@ -248,27 +248,48 @@ def _normalize_bwd(config, res, g):
 
   (without the mean of ``ĝ`` for RMS norm), evaluated in the second form, in the centred
   input ``c = x − μ`` (``x`` for RMS) recomputed here, so that ``x̂`` is never formed. For
-  layer and RMS norm ``γ`` varies along ``R`` itself, for group norm along part of it (a
-  group's channels), so the sums of ``ĝ`` cannot be factored through ``dβ`` and ``dγ`` as
-  batch norm's can. Work is in at least float32;
-  each cotangent is cast to its input's dtype.
+  layer and RMS norm ``γ`` varies along ``R`` itself, so the sums of ``ĝ`` are taken as they
+  stand. For group norm ``γ`` varies along a group's channels only and is constant over the
+  spatial axes ``R_s`` of ``R``; so are ``μ`` and ``r`` over all of ``R``. The sums then factor
+  through two per-(example, channel) sums over space, read from ``G`` and ``c`` in one pass:
+
+  .. math::
+    s_1 = Σ_{R_s} G, \quad s_2 = Σ_{R_s} G c, \qquad
+    Σ_R ĝ = Σ_{c ∈ g} γ_c s_1, \quad Σ_R ĝ c = Σ_{c ∈ g} γ_c s_2, \qquad
+    \frac{∂L}{∂β} = Σ_N s_1, \quad \frac{∂L}{∂γ} = Σ_N r s_2
+
+  leaving one elementwise pass for ``dx`` and no intermediate array of ``x``'s size. Work is
+  in at least float32; each cotangent is cast to its input's dtype.
   """
   x, scale, mean, rstd = res
   cdt = rstd.dtype
   xv = x.astype(cdt).reshape(config.view)
   centred = xv - mean if config.centered else xv
   gy = g.astype(cdt).reshape(config.view)
-  ghat = gy if scale is None else gy * _broadcast(config, scale, cdt)
+  gamma = None if scale is None else _broadcast(config, scale, cdt)
+  ghat = gy if gamma is None else gy * gamma
   n = _standardize.count(xv, config.axes)
-  dx = _standardize.standardized_grad(ghat, centred, rstd, n, v_is_xhat=False,
-                                      axes=config.axes, centered=config.centered)
   outer = tuple(a for a in range(xv.ndim) if a not in config.param_axes)
+  spatial = tuple(a for a in config.axes if a not in config.param_axes)
 
-  def param_grad(v, dtype):
-    return jnp.sum(v, axis=outer).reshape(config.param_shape).astype(dtype)
+  def param_grad(v, axes, dtype):
+    return jnp.sum(v, axis=axes).reshape(config.param_shape).astype(dtype)
 
-  dscale = None if scale is None else param_grad(gy * centred * rstd, scale.dtype)
-  doffset = None if config.offset is None else param_grad(gy, config.offset)
+  if not spatial:  # γ varies along every reduced axis (layer and RMS norm)
+    sums = None
+    dscale = None if scale is None else param_grad(gy * centred * rstd, outer, scale.dtype)
+    doffset = None if config.offset is None else param_grad(gy, outer, config.offset)
+  else:  # group norm: the sums over space first, from g and c in one pass
+    per_channel = tuple(a for a in outer if a not in spatial)
+    s1 = jnp.sum(gy, axis=spatial, keepdims=True)
+    s2 = jnp.sum(gy * centred, axis=spatial, keepdims=True)
+    channels = tuple(a for a in config.axes if a in config.param_axes)
+    sums = tuple(jnp.sum(s if gamma is None else s * gamma, axis=channels, keepdims=True)
+                 for s in (s1, s2))
+    dscale = None if scale is None else param_grad(s2 * rstd, per_channel, scale.dtype)
+    doffset = None if config.offset is None else param_grad(s1, per_channel, config.offset)
+  dx = _standardize.standardized_grad(ghat, centred, rstd, n, v_is_xhat=False,
+                                      axes=config.axes, sums=sums, centered=config.centered)
   return dx.reshape(x.shape).astype(x.dtype), dscale, doffset
 
 

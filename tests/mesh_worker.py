@@ -173,6 +173,12 @@ def charlm_step(batch: int = 24) -> dict:
         many = compiled(p, o, placement.split(ids))
       out[impl] = {"params": rel_err(many[0], one[0]), "loss": rel_err(many[2], one[2]),
                    **collectives(compiled.as_text(), batch)}
+    # The example's whole loop with --devices: training, validation, then sampling on one
+    # device from the mesh-trained params.
+    run = ex.train(steps=2, batch_size=16, context=8, features=16, layers=1, heads=2,
+                   devices=DEVICES, eval_every=2, check_grads=False, sample_length=5,
+                   prompt="def ", log=lambda *_: None, progress=False)
+    out["train"] = {"sample": run["sample"], "val_loss": run["val_loss"]}
   return out
 
 

@@ -5,6 +5,7 @@ starts, and one process compiles everything once. The tests below read its repor
 """
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -84,6 +85,12 @@ def test_eight_device_transformer_step_equals_one_device_step(report, impl):
   result = _section(report, "charlm_step")[impl]
   assert result["params"] <= REL_TOL and result["loss"] <= REL_TOL, result
   assert result["batch_sized"] == 0, result["shapes"]
+
+
+def test_the_transformer_example_trains_and_samples_on_eight_devices(report):
+  result = _section(report, "charlm_step")["train"]
+  assert result["sample"].startswith("def ") and len(result["sample"]) == 9, result
+  assert math.isfinite(result["val_loss"]), result
 
 
 def test_synchronised_batch_norm_over_eight_devices(report):
