@@ -256,6 +256,11 @@ def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, head
     for i in range(1, steps + 1):
       batch = placement.split(random_windows(rng, train_ids, batch_size, context))
       params, opt_state, loss = step(params, opt_state, batch)
+      if placement.devices > 1:
+        # One step in flight on a mesh. With 8 CPU devices on 2 cores, letting steps queue up
+        # (asynchronous dispatch) twice ended in an all-reduce that never gathered all 8
+        # devices (XLA:CPU's rendezvous timeout); waiting for each step has not.
+        loss.block_until_ready()
       history["step"].append(i)
       history["train_loss"].append(loss)
       if bar is not None and (i % 10 == 0 or i == steps):
