@@ -275,6 +275,8 @@ def _normalize_bwd(config, res, g):
   def param_grad(v, axes, dtype):
     return jnp.sum(v, axis=axes).reshape(config.param_shape).astype(dtype)
 
+  # Two forms on purpose: written as group norm's (with no spatial axes), layer and RMS norm
+  # materialise G·c for its two sums over different axes (+24 MiB temporary at 16×512×768).
   if not spatial:  # γ varies along every reduced axis (layer and RMS norm)
     sums = None
     dscale = None if scale is None else param_grad(gy * centred * rstd, outer, scale.dtype)
