@@ -222,7 +222,8 @@ def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, head
   model = build_model(len(vocab), context=context, features=features, layers=layers,
                       heads=heads, dtype=dtype, remat=remat)
   key = jax.random.key(seed)
-  params, _ = model.init(jax.random.fold_in(key, 0), (batch_size, context), dtype=jnp.int32)
+  params, _ = model.init(jax.random.fold_in(key, 0), (batch_size, context),
+                         input_dtype=jnp.int32)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
   log(f"text: {len(train_ids) + len(val_ids)} characters ({len(train_ids)} train, "
       f"{len(val_ids)} validation), vocabulary {len(vocab)}; model: {layers} layers, {heads} "

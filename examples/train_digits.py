@@ -43,7 +43,7 @@ import optax
 
 import jlayers
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from jlayers.models import Sequential, max_grad_difference
+from jlayers.models import Sequential
 from jlayers.parallel import DataParallel
 
 
@@ -128,7 +128,7 @@ def gradient_check(model, params, state, x, y, key) -> float:
 
   with jax.enable_x64(True):
     to64 = functools.partial(jax.tree_util.tree_map, lambda a: jnp.asarray(a, jnp.float64))
-    return max_grad_difference(scalar_loss, to64(params), to64(state), to64(x),
+    return jlayers.max_grad_difference(scalar_loss, to64(params), to64(state), to64(x),
                                jnp.asarray(y), key)
 
 

@@ -7,6 +7,7 @@ was expected and what came, as a single string.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
@@ -97,12 +98,142 @@ def axes(op: str, name: str, value, ndim: int) -> tuple[int, ...]:
 
 
 def positive_float(op: str, name: str, value) -> float:
-  """``value`` as a float, which must be > 0 (an ``eps``)."""
+  """``value`` as a float, which must be finite and > 0 (an ``eps``)."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"{op}: {name} must be a positive float, got {type(value).__name__}")
   if not value > 0:
     raise ValueError(f"{op}: {name} must be a positive float, got {value!r}")
+  if not math.isfinite(value):
+    raise ValueError(f"{op}: {name} must be a finite positive float, got {value!r}")
   return float(value)
+
+
+def optional_finite(op: str, name: str, value) -> float | None:
+  """``None``, or ``value`` as a finite float (a scale that defaults when omitted)."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+      value):
+    raise TypeError(f"{op}: {name} must be None or a finite float, got {value!r}")
+  return float(value)
+
+
+def real(op: str, name: str, value, lo: float = -math.inf, hi: float = math.inf, *,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+  """``value`` as a finite float within ``[lo, hi]`` (ends excluded when ``*_open``)."""
+  interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    where = "" if math.isinf(lo) and math.isinf(hi) else f" in {interval}"
+    raise TypeError(f"{op}: {name} must be a float{where}, got {type(value).__name__}")
+  value = float(value)
+  above = value > lo if lo_open else value >= lo
+  below = value < hi if hi_open else value <= hi
+  if not (math.isfinite(value) and above and below):
+    raise ValueError(f"{op}: {name} must be in {interval}, got {value}")
+  return value
+
+
+def flag(op: str, name: str, value) -> bool:
+  """``value`` as a bool; it must be a Python or NumPy bool (static configuration)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+  return bool(value)
+
+
+IMPLS = ("manual", "autodiff")
+
+
+def impl(op: str, value) -> str:
+  """``value`` if it names an implementation: ``"manual"`` or ``"autodiff"``."""
+  if not isinstance(value, str) or value not in IMPLS:
+    raise ValueError(f"{op}: impl must be 'manual' or 'autodiff', got {value!r}")
+  return value
+
+
+def static_call(where: str, train, impl_name) -> None:
+  """Validates the static arguments of a layer's ``apply``.
+
+  ``train`` selects Python control flow, so it must be a concrete bool: under ``jax.jit`` pass
+  it (and ``impl``) through ``static_argnames`` or close over it.
+  """
+  if not isinstance(train, (bool, np.bool_)):
+    raise TypeError(f"{where}: train must be a Python bool (mark it static under jax.jit), "
+                    f"got {type(train).__name__}")
+  impl(where, impl_name)
+
+
+def shape_of(where: str, input_shape, *, rank: int | None = None,
+             min_rank: int | None = None) -> tuple[int, ...]:
+  """A layer's ``input_shape`` as a tuple of non-negative ints, its rank checked."""
+  if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence) or not all(
+      is_int(n) for n in input_shape):
+    raise TypeError(f"{where}: input_shape must be a sequence of ints (batch dimension "
+                    f"included), got {input_shape!r}")
+  shape = tuple(int(n) for n in input_shape)
+  if any(n < 0 for n in shape):
+    raise ValueError(f"{where}: input_shape must have non-negative sizes, got {shape}")
+  if rank is not None and len(shape) != rank:
+    raise ValueError(f"{where}: input_shape must have rank {rank}, got {shape}")
+  if min_rank is not None and len(shape) < min_rank:
+    raise ValueError(f"{where}: input_shape must have rank at least {min_rank}, got {shape}")
+  return shape
+
+
+def initializer(where: str, name: str, value):
+  """A ``jax.nn.initializers``-style callable ``(key, shape, dtype) -> array``."""
+  if not callable(value):
+    raise TypeError(f"{where}: {name} must be an initializer (key, shape, dtype) -> array, "
+                    f"got {type(value).__name__}")
+  return value
+
+
+def float_dtype(where: str, name: str, value, *, optional: bool):
+  """``value`` as a floating ``jnp.dtype`` (``None`` allowed when ``optional``)."""
+  if value is None and optional:
+    return None
+  try:
+    dtype = None if value is None else jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    allowed = "None or a float dtype" if optional else "a float dtype"
+    raise TypeError(f"{where}: {name} must be {allowed}, got {value!r}")
+  return dtype
+
+
+def without_axis(shape, axis: int) -> tuple[int, ...]:
+  """``shape`` with ``axis`` removed (the per-example shape of logits)."""
+  return tuple(shape[:axis]) + tuple(shape[axis + 1:])
+
+
+def class_logits(op: str, logits, axis) -> tuple[jax.Array, int]:
+  """Floating logits of rank >= 1 with at least one class, and the class axis normalised."""
+  logits = floating(op, "logits", logits)
+  min_rank(op, "logits", logits, 1, "(a class axis)")
+  axis = axis_index(op, "axis", axis, logits.ndim)
+  if logits.shape[axis] == 0:
+    raise ValueError(f"{op}: logits must have at least one class (C >= 1) on axis {axis}, "
+                     f"got shape {tuple(logits.shape)}")
+  return logits, axis
+
+
+def example_or_class_mask(op: str, where, logits, axis: int):
+  """``where`` as a bool of ``logits``' rank: one flag per class (``logits.shape``) as given,
+  one flag per example (``logits.shape`` without ``axis``) with a size-1 class axis; ``None``
+  stays ``None``."""
+  if where is None:
+    return None
+  where = as_array(op, "where", where)
+  if where.dtype != jnp.bool_:
+    raise TypeError(f"{op}: where must have dtype bool, got {where.dtype}")
+  examples = without_axis(logits.shape, axis)
+  if tuple(where.shape) == examples:
+    return jnp.expand_dims(where, axis)
+  if where.shape == logits.shape:
+    return where
+  raise ValueError(f"{op}: where must have shape {examples} (one flag per example) or "
+                   f"{tuple(logits.shape)} (logits.shape, one flag per class), "
+                   f"got {tuple(where.shape)}")
 
 
 def positive_ints(op: str, name: str, value, n: int) -> tuple[int, ...]:

@@ -33,14 +33,33 @@ def like(x):
   return jax.typeof(x).sharding if explicit(x) else None
 
 
-def spec_like(x, shape):
-  """``x``'s partition spec for an array of ``shape`` that broadcasts against ``x`` (a mask),
-  its size-1 (broadcast) axes unsplit, where the types carry shardings; else ``None``."""
+def spec_like(x, shape, axes=None):
+  """The partition spec of an array of ``shape`` laid out as ``x``, where the types carry
+  shardings; else ``None``.
+
+  Axis ``i`` of the array takes the partitioning of ``x``'s axis ``axes[i]`` (default: axis
+  ``i`` itself; ``None``: unsplit) when the two sizes agree, and stays unsplit otherwise (a
+  size-1 axis that broadcasts against ``x``).
+  """
   if not explicit(x):
     return None
   spec = tuple(jax.typeof(x).sharding.spec)
   spec += (None,) * (x.ndim - len(spec))
-  return P(*(s if shape[i] == x.shape[i] else None for i, s in enumerate(spec)))
+  axes = tuple(range(len(shape))) if axes is None else tuple(axes)
+  axes += (None,) * (len(shape) - len(axes))
+  return P(*(spec[a] if a is not None and shape[i] == x.shape[a] else None
+             for i, a in enumerate(axes)))
+
+
+def reshard_like(w, x, axes=None):
+  """``w`` (a mask, a per-example flag) laid out as ``x`` as :func:`spec_like` says, where the
+  types carry shardings: a replicated mask next to batch-split logits or scores makes every
+  select between them ambiguous, and splitting a replicated array is a local slice. Elsewhere
+  ``w`` as it is."""
+  target = spec_like(x, w.shape, axes)
+  if target is None or jax.typeof(w).sharding.spec == target:
+    return w
+  return jax.sharding.reshard(w, target)
 
 
 def _names(entry) -> tuple[str, ...]:

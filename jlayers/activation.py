@@ -7,9 +7,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jlayers import _checks
+from jlayers import _checks, _ops
 
 
 def relu(x: jax.Array) -> jax.Array:
@@ -90,12 +89,6 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715  # the tanh form's constant, as in jax.nn.gelu and PyTorch
 
 
-def _approximate_flag(value) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"gelu: approximate must be a bool, got {type(value).__name__}")
-  return bool(value)
-
-
 def gelu(x: jax.Array, *, approximate: bool = True) -> jax.Array:
   r"""Gaussian error linear unit, elementwise, with a manual VJP.
 
@@ -124,7 +117,7 @@ def gelu(x: jax.Array, *, approximate: bool = True) -> jax.Array:
     0.8413
   """
   x = _checks.floating("gelu", "x", x)
-  return _gelu(_approximate_flag(approximate), x)
+  return _gelu(_checks.flag("gelu", "approximate", approximate), x)
 
 
 def _gelu_forward(approximate, x):
@@ -183,7 +176,7 @@ _gelu.defvjp(_gelu_fwd, _gelu_bwd)
 def gelu_reference(x: jax.Array, *, approximate: bool = True) -> jax.Array:
   """Autodiff twin of :func:`gelu`: the same forward, differentiated by JAX."""
   x = _checks.floating("gelu", "x", x)
-  return _gelu_forward(_approximate_flag(approximate), x)
+  return _gelu_forward(_checks.flag("gelu", "approximate", approximate), x)
 
 
 def silu(x: jax.Array) -> jax.Array:
@@ -242,3 +235,8 @@ _silu.defvjp(_silu_fwd, _silu_bwd)
 def silu_reference(x: jax.Array) -> jax.Array:
   """Autodiff twin of :func:`silu`: the same forward, differentiated by JAX."""
   return _silu_forward(_checks.floating("silu", "x", x))
+
+
+relu_op = _ops.declare("relu", relu, relu_reference)
+gelu_op = _ops.declare("gelu", gelu, gelu_reference)
+silu_op = _ops.declare("silu", silu, silu_reference)

@@ -9,33 +9,16 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jlayers import _checks, _sharding
+from jlayers import _checks, _ops
+from jlayers._attention_blocks import block_size, blocks, head_major_mask, pad, put, rows
 
 _OP = "dot_product_attention"
-
-BLOCK = 128
-"""Query rows or keys per block along a sequence longer than :data:`SHORT_SEQUENCE`."""
-SHORT_BLOCK = 64
-"""Query rows or keys per block along a sequence of at most :data:`SHORT_SEQUENCE` (fewer when
-the sequence is shorter still)."""
-SHORT_SEQUENCE = 512
-
-
-def _block_size(length: int) -> int:
-  """Rows per block along a sequence of ``length`` positions. On XLA:CPU, blocks of 64 made a
-  fwd+bwd at 512 positions 3–17 % faster than blocks of 128 (B=4, N=8, H=64) and a
-  transformer training step at context 512 (H=32) about 10 % faster; blocks of 128 were
-  8–10 % faster at 1 024 and 2 048 positions, where there are 4× as many blocks to visit."""
-  return max(1, min(length, SHORT_BLOCK if length <= SHORT_SEQUENCE else BLOCK))
-
 
 class _Config(NamedTuple):
   """Static configuration (hashable; goes in ``nondiff_argnums``)."""
@@ -72,14 +55,11 @@ def _validate(q, k, v, mask, causal, scale):
     if mask.ndim != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full)):
       raise ValueError(f"{_OP}: mask must have rank 4 and broadcast to (B, N, T, S) = {full} "
                        f"(each dimension 1 or that size), got shape {tuple(mask.shape)}")
-  if not isinstance(causal, (bool, np.bool_)):
-    raise TypeError(f"{_OP}: causal must be a bool, got {type(causal).__name__}")
+  causal = _checks.flag(_OP, "causal", causal)
+  scale = _checks.optional_finite(_OP, "scale", scale)
   if scale is None:
     scale = 1.0 / math.sqrt(h) if h else 1.0
-  elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(
-      scale):
-    raise TypeError(f"{_OP}: scale must be None or a finite float, got {scale!r}")
-  config = _Config(bool(causal), float(scale), _block_size(t), _block_size(s))
+  config = _Config(bool(causal), float(scale), block_size(t), block_size(s))
   return q, k, v, mask, config
 
 
@@ -102,13 +82,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   heads (``N = K``: multi-head; ``K = 1``: multi-query). A query row whose every key is
   masked gets output 0 and gradient 0 (never NaN); so does every row when ``S = 0``.
 
-  The forward visits blocks of queries × keys (:data:`BLOCK` of each, or
-  :data:`SHORT_BLOCK` along a sequence of at most :data:`SHORT_SEQUENCE`) with an online
-  softmax (a running maximum and sum per query row), skipping blocks entirely above the
-  diagonal when ``causal``; it saves ``q``, ``k``, ``v``, the output and one log-sum-exp per query row
-  (float32, or float64 for float64 inputs). Scores and probabilities are computed in at least
-  float32; products run
-  in the inputs' dtype with float32 accumulation (the probabilities are rounded to it before
+  The forward visits blocks of queries × keys (sizes chosen per sequence length in
+  :mod:`jlayers._attention_blocks`) with an online softmax (a running maximum and sum per
+  query row), skipping blocks entirely above the diagonal when ``causal``; it saves ``q``,
+  ``k``, ``v``, the output and one log-sum-exp per query row (float32, or float64 for float64
+  inputs). Scores and probabilities are computed in at least float32; products run in the
+  inputs' dtype with float32 accumulation (the probabilities are rounded to it before
   multiplying ``v``, as flash attention does).
 
   Args:
@@ -139,76 +118,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return _attention(config, q, k, v, mask)
 
 
-# --------------------------------------------------------------------------------------------
-# Blocks. Inside the rule, heads are split as N = (K, G) and the layouts are head-major:
-# q [B, K, G, T, H], k and v [B, K, S, H], rows padded to whole blocks.
-
-
-class _Blocks(NamedTuple):
-  """The padded, head-major operands and the static block structure of one call."""
-
-  q: jax.Array  # [B, K, G, Tp, H]
-  k: jax.Array  # [B, K, Sp, H]
-  v: jax.Array  # [B, K, Sp, H]
-  mask: jax.Array | None  # [Bm, Km, Gm, Tm, Sm], each 1 or full (padded)
-  pairs: tuple[np.ndarray, np.ndarray]  # (query block, key block) of every visited block
-  t: int
-  s: int
-
-
-def _pad(a, axis, size):
-  if a.shape[axis] in (1, size):
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, size - a.shape[axis])
-  return jnp.pad(a, widths)
-
-
-def _blocks(config, q, k, v, mask) -> _Blocks:
-  b, t, n, h = q.shape
-  s, heads = k.shape[1], k.shape[2]
-  g = n // heads
-  nq, nk = -(-t // config.block_q), -(-s // config.block_k)
-  tp, sp = nq * config.block_q, nk * config.block_k
-  qh = _pad(q.reshape(b, t, heads, g, h).transpose(0, 2, 3, 1, 4), 3, tp)
-  kh, vh = (_pad(a.transpose(0, 2, 1, 3), 2, sp) for a in (k, v))
-  if mask is not None:
-    mask = _pad(_pad(_head_major_mask(mask, q, heads), 3, tp), 4, sp)
-  i, j = np.meshgrid(np.arange(nq), np.arange(nk), indexing="ij")
-  keep = np.ones_like(i, bool)
-  if config.causal:  # skip blocks whose first key comes after their last query
-    keep = j * config.block_k <= i * config.block_q + config.block_q - 1
-  pairs = (i[keep].astype(np.int32), j[keep].astype(np.int32))
-  return _Blocks(qh, kh, vh, mask, pairs, t, s)
-
-
-def _head_major_mask(mask, q, heads):
-  """``mask [Bm, Nm, Tm, Sm]`` as ``[Bm, K, G, Tm, Sm]`` (or ``[Bm, 1, 1, Tm, Sm]``), its batch
-  laid out as ``q``'s where the types carry shardings (a replicated mask next to batch-split
-  scores would make the select ambiguous; splitting it is a local slice)."""
-  mb, mn, mt, ms = mask.shape
-  n = q.shape[2]
-  mask = mask.reshape(mb, heads, n // heads, mt, ms) if mn == n else mask.reshape(
-      mb, 1, 1, mt, ms)
-  if _sharding.explicit(q):
-    batch = jax.typeof(q).sharding.spec[0] if mb == q.shape[0] else None
-    target = jax.sharding.PartitionSpec(batch, None, None, None, None)
-    if jax.typeof(mask).sharding.spec != target:
-      mask = jax.sharding.reshard(mask, target)
-  return mask
-
-
-def _rows(a, i, size, axis):
-  """Block ``i`` (of ``size``) of ``a`` along ``axis``; a size-1 (broadcast) axis as it is."""
-  if a.shape[axis] == 1:
-    return a
-  return lax.dynamic_slice_in_dim(a, i * size, size, axis)
-
-
-def _put(a, update, i, size, axis):
-  return lax.dynamic_update_slice_in_dim(a, update, i * size, axis)
-
-
 def _scores(config, blk, qi, kj, i, j):
   """``scale · q_i k_jᵀ`` of one block, [B, K, G, bq, bk] in at least float32, masked to
   ``-inf``."""
@@ -222,7 +131,7 @@ def _scores(config, blk, qi, kj, i, j):
     if config.causal:
       valid = valid & (cols <= i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 3))
   if blk.mask is not None:
-    m = _rows(_rows(blk.mask, i, config.block_q, 3), j, config.block_k, 4)
+    m = rows(rows(blk.mask, i, config.block_q, 3), j, config.block_k, 4)
     valid = m if valid is None else valid & m
   return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
@@ -235,9 +144,8 @@ def _safe_max(m):
 
 def _forward(config, q, k, v, mask):
   """``(output [B, T, N, H], log-sum-exp [B, K, G, T] in at least float32)``."""
-  blk = _blocks(config, q, k, v, mask)
+  blk = blocks(config, q, k, v, mask)
   bq, bk = config.block_q, config.block_k
-  rows = blk.q.shape[:4]
   f32 = _checks.at_least_float32(q.dtype)
   # Zeros laid out as the blocks (batch-split on a mesh), so the loop's carry keeps its type.
   row = jnp.zeros_like(blk.q[..., 0], f32)
@@ -246,19 +154,19 @@ def _forward(config, q, k, v, mask):
   def step(carry, ij):
     m, l, acc = carry
     i, j = ij
-    qi = _rows(blk.q, i, bq, 3)
-    s = _scores(config, blk, qi, _rows(blk.k, j, bk, 2), i, j)
-    m_old, l_old, acc_old = _rows(m, i, bq, 3), _rows(l, i, bq, 3), _rows(acc, i, bq, 3)
+    qi = rows(blk.q, i, bq, 3)
+    s = _scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
+    m_old, l_old, acc_old = rows(m, i, bq, 3), rows(l, i, bq, 3), rows(acc, i, bq, 3)
     m_new = jnp.maximum(m_old, jnp.max(s, axis=4))
     m_safe = _safe_max(m_new)
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m_old - m_safe)
-    pv = lax.dot_general(p.astype(blk.v.dtype), _rows(blk.v, j, bk, 2),
+    pv = lax.dot_general(p.astype(blk.v.dtype), rows(blk.v, j, bk, 2),
                          (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
     l_new = correction * l_old + jnp.sum(p, axis=4)
     acc_new = correction[..., None] * acc_old + pv
-    return (_put(m, m_new, i, bq, 3), _put(l, l_new, i, bq, 3),
-            _put(acc, acc_new, i, bq, 3)), None
+    return (put(m, m_new, i, bq, 3), put(l, l_new, i, bq, 3),
+            put(acc, acc_new, i, bq, 3)), None
 
   (m, l, acc), _ = lax.scan(step, init, blk.pairs)
   seen = l > 0
@@ -327,35 +235,35 @@ def _attention_bwd(config, res, g):
   ``mask`` is not differentiable and gets ``None``.
   """
   q, k, v, mask, out, lse = res
-  blk = _blocks(config, q, k, v, mask)
+  blk = blocks(config, q, k, v, mask)
   bq, bk = config.block_q, config.block_k
   b, t, n, h = q.shape
   heads, g_size = k.shape[2], n // k.shape[2]
   f32 = lse.dtype
   tp = blk.q.shape[3]
-  do = _pad(g.astype(q.dtype).reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4), 3, tp)
+  do = pad(g.astype(q.dtype).reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4), 3, tp)
   o = out.reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4).astype(f32)
-  delta = _pad(jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4), 3, tp)
-  lse = _pad(lse, 3, tp)
+  delta = pad(jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4), 3, tp)
+  lse = pad(lse, 3, tp)
   init = tuple(jnp.zeros_like(a, f32) for a in (blk.q, blk.k, blk.v))
 
   def step(carry, ij):
     dq, dk, dv = carry
     i, j = ij
-    qi, kj, vj = _rows(blk.q, i, bq, 3), _rows(blk.k, j, bk, 2), _rows(blk.v, j, bk, 2)
-    doi = _rows(do, i, bq, 3)
+    qi, kj, vj = rows(blk.q, i, bq, 3), rows(blk.k, j, bk, 2), rows(blk.v, j, bk, 2)
+    doi = rows(do, i, bq, 3)
     s = _scores(config, blk, qi, kj, i, j)
-    p = jnp.exp(s - _rows(lse, i, bq, 3)[..., None])
+    p = jnp.exp(s - rows(lse, i, bq, 3)[..., None])
     dv_j = lax.dot_general(p.astype(vj.dtype), doi, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
     dp = lax.dot_general(doi, vj, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=f32)
-    ds = (p * (dp - _rows(delta, i, bq, 3)[..., None])).astype(qi.dtype)
+    ds = (p * (dp - rows(delta, i, bq, 3)[..., None])).astype(qi.dtype)
     dq_i = lax.dot_general(ds, kj, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
     dk_j = lax.dot_general(ds, qi, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
-    return (_put(dq, _rows(dq, i, bq, 3) + config.scale * dq_i, i, bq, 3),
-            _put(dk, _rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
-            _put(dv, _rows(dv, j, bk, 2) + dv_j, j, bk, 2)), None
+    return (put(dq, rows(dq, i, bq, 3) + config.scale * dq_i, i, bq, 3),
+            put(dk, rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
+            put(dv, rows(dv, j, bk, 2) + dv_j, j, bk, 2)), None
 
   (dq, dk, dv), _ = lax.scan(step, init, blk.pairs)
   s = k.shape[1]
@@ -383,7 +291,7 @@ def dot_product_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
   qh = q.reshape(b, t, heads, g, h)
   acc = _checks.at_least_float32(q.dtype)
   s = jnp.einsum("btkgh,bskh->bkgts", qh, k, preferred_element_type=acc) * config.scale
-  valid = None if mask is None else _head_major_mask(mask, q, heads)
+  valid = None if mask is None else head_major_mask(mask, q, heads)
   if config.causal:
     tril = (jnp.arange(s_len).reshape(1, s_len) <= jnp.arange(t).reshape(t, 1))
     tril = tril.reshape(1, 1, 1, t, s_len)
@@ -396,3 +304,7 @@ def dot_product_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
   p = e / jnp.where(total > 0, total, jnp.ones_like(total))
   out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=acc)
   return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+dot_product_attention_op = _ops.declare(_OP, dot_product_attention,
+                                         dot_product_attention_reference)

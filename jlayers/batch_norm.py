@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlayers import _checks, _standardize
+from jlayers import _checks, _ops, _standardize
 
 
 def _config(op, x, axis, eps, axis_name, **vectors):
@@ -156,9 +156,9 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
     dβ = Σ_j g_j, \qquad dγ = Σ_j g_j \hat x_j, \qquad
     dx_i = \frac{γ \, inv}{N} \big(N g_i - dβ - \hat x_i \, dγ\big)
 
-  The seed notes keep only the diagonal ``j = i`` of this sum (``∂L/∂x_i = g_i ∂y_i/∂x_i``)
-  which drops the ``−dβ/N`` and ``−x̂_i dγ/N`` couplings through ``μ`` and ``σ``; they also
-  multiply by a stray ``Y`` and drop ``γ``. Both disagree with autodiff (see the tests).
+  Keeping only the diagonal ``j = i`` of this sum (``∂L/∂x_i = g_i ∂y_i/∂x_i``), a common
+  slip, drops the ``−dβ/N`` and ``−x̂_i dγ/N`` couplings through ``μ`` and ``σ`` and disagrees
+  with autodiff (see the tests).
 
   The statistics are outputs too. With cotangents ``g_μ`` and ``g_{σ²}`` (without
   ``axis_name``; with it, JAX differentiates the returned statistics, see :func:`batch_norm`):
@@ -304,3 +304,8 @@ def batch_norm_inference_reference(x: jax.Array, scale: jax.Array, offset: jax.A
   x, axis, eps, v = _config("batch_norm_inference", x, axis, eps, None, scale=scale,
                             offset=offset, mean=mean, var=var)
   return _inference_forward(axis, eps, x, v["scale"], v["offset"], v["mean"], v["var"])[0]
+
+
+batch_norm_op = _ops.declare("batch_norm", batch_norm, batch_norm_reference)
+batch_norm_inference_op = _ops.declare("batch_norm_inference", batch_norm_inference,
+                                       batch_norm_inference_reference)

@@ -41,11 +41,12 @@ import optax
 
 from jlayers import __version__ as jlayers_version
 from jlayers import _bench_peers as peers
-from jlayers import _impl, _platform
-from jlayers import testing
+from jlayers import _platform, testing
+from jlayers.grids import GRIDS
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from jlayers.linear import linear_op
+from jlayers.loss import softmax_cross_entropy_with_integer_labels_op as xent_op
 from jlayers.models import Sequential
-from jlayers.registry import OPS
 from jlayers.transformer import TransformerLM
 
 SECTIONS = ("ops", "linear", "train", "transformer")
@@ -55,16 +56,6 @@ def temp_bytes(jitted, *args) -> int | None:
   """Compiled temporary memory of ``jitted(*args)`` in bytes (None if the backend says nothing)."""
   analysis = jitted.lower(*args).compile().memory_analysis()
   return None if analysis is None else int(analysis.temp_size_in_bytes)
-
-
-def fwd_bwd(fn, case, args):
-  """A jitted ``(primals, cotangent) -> (outputs, gradients)`` for one op case."""
-
-  def run(primals, cot):
-    out, pullback = jax.vjp(testing.restrict(fn, case, args), *primals)
-    return out, pullback(cot)
-
-  return jax.jit(run)
 
 
 class Peer(NamedTuple):
@@ -95,29 +86,29 @@ OP_PEERS: dict[str, Peer] = {
 implementation."""
 
 
-def bench_op(spec, case, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
-  """Manual versus autodiff forward+backward of one of ``spec.bench`` (float32), interleaved
+def bench_op(grid, case, steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
+  """Manual versus autodiff forward+backward of one of ``grid.bench`` (float32), interleaved
   with the op's peer in :data:`OP_PEERS` if it has one (fields ``peer``, ``peer_ms``,
   ``peer_temp``, ``peer_time_ratio = manual_ms / peer_ms``, ``peer_temp_ratio``)."""
   rng = np.random.default_rng(seed)
   args = case.make(rng, jnp.float32)
   primals = tuple(args[i] for i in case.diff)
-  cot = testing.random_like(rng, jax.eval_shape(testing.restrict(spec.reference, case, args),
+  cot = testing.random_like(rng, jax.eval_shape(testing.restrict(grid.reference, case, args),
                                                 *primals))
-  row = {"op": spec.name, "size": case.id}
+  row = {"op": grid.name, "size": case.id}
   runners, programs = {}, {}
-  for impl, fn in (("manual", spec.manual), ("autodiff", spec.reference)):
-    f = fwd_bwd(fn, case, args)
-    runners[impl] = functools.partial(f, primals, cot)
-    programs[impl] = canonical_hlo(f.lower(primals, cot).compile().as_text())
-    row[f"{impl}_temp"] = temp_bytes(f, primals, cot)
+  for impl, fn in (("manual", grid.manual), ("autodiff", grid.reference)):
+    f = testing.vjp_runner(fn, case)
+    runners[impl] = functools.partial(f, args, primals, cot)
+    programs[impl] = canonical_hlo(f.lower(args, primals, cot).compile().as_text())
+    row[f"{impl}_temp"] = temp_bytes(f, args, primals, cot)
     row[f"{impl}_saved"] = saved_bytes(testing.restrict(fn, case, args), primals)
-  peer = OP_PEERS.get(spec.name)
+  peer = OP_PEERS.get(grid.name)
   if peer is not None:
-    f = fwd_bwd(peer.fn, case, args)
-    runners["peer"] = functools.partial(f, primals, cot)
+    f = testing.vjp_runner(peer.fn, case)
+    runners["peer"] = functools.partial(f, args, primals, cot)
     row["peer"] = peer.name
-    row["peer_temp"] = temp_bytes(f, primals, cot)
+    row["peer_temp"] = temp_bytes(f, args, primals, cot)
   for impl, times in peers.time_interleaved(runners, steps, warmup, rounds).items():
     row[f"{impl}_ms"] = statistics.median(times)
   row["time_ratio"] = row["manual_ms"] / row["autodiff_ms"]
@@ -169,7 +160,7 @@ def bench_linear_throughput(steps: int, warmup: int, rounds: int, n: int = 1024)
   x, w, g = (jnp.asarray(rng.standard_normal((n, n)), jnp.float32) for _ in range(3))
   matmul = jax.jit(jnp.matmul)
   lin = jax.jit(lambda x, w, g: (lambda out, pullback: (out, pullback(g)))(
-      *jax.vjp(OPS["linear"].manual, x, w)))
+      *jax.vjp(linear_op.manual, x, w)))
   times = peers.time_interleaved({"matmul": lambda: matmul(x, w), "linear": lambda: lin(x, w, g)},
                                  steps, warmup, rounds)
   matmul_ms, linear_ms = statistics.median(times["matmul"]), statistics.median(times["linear"])
@@ -197,7 +188,7 @@ def jlayers_runner(impl: str, batch_size: int = 128, seed: int = 0, calls: int =
   x, y = jnp.asarray(x_np), jnp.asarray(y_np)
   params, state = model.init(jax.random.key(seed), x.shape)
   opt = optax.sgd(peers.LEARNING_RATE, momentum=peers.MOMENTUM)
-  xent = _impl.op("softmax_cross_entropy_with_integer_labels", impl)
+  xent = xent_op.select(impl)
 
   def loss_fn(params, state, x, y, key):
     logits, state = model.apply(params, state, x, key=key, train=True, impl=impl)
@@ -241,8 +232,8 @@ def transformer_runner(impl: str, context: int = 64, batch_size: int = 32, seed:
   model = TransformerLM(peers.VOCAB_SIZE, context, features=features, layers=layers,
                         heads=heads)
   ids = jnp.asarray(peers.synthetic_tokens(batch_size, context, seed))
-  params, _ = model.init(jax.random.key(seed), (batch_size, context), dtype=jnp.int32)
-  xent = _impl.op("softmax_cross_entropy_with_integer_labels", impl)
+  params, _ = model.init(jax.random.key(seed), (batch_size, context), input_dtype=jnp.int32)
+  xent = xent_op.select(impl)
 
   def loss_fn(params, ids):
     logits, _ = model.apply(params, {}, ids[:, :-1], impl=impl)
@@ -416,9 +407,9 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
   args = parser.parse_args(argv)
   sections = set(args.sections.split(","))
-  if sections - set(SECTIONS) or set(args.op or ()) - set(OPS):
+  if sections - set(SECTIONS) or set(args.op or ()) - set(GRIDS):
     parser.error(f"unknown section or op: {sorted(sections - set(SECTIONS))} "
-                 f"{sorted(set(args.op or ()) - set(OPS))}; ops: {', '.join(OPS)}")
+                 f"{sorted(set(args.op or ()) - set(GRIDS))}; ops: {', '.join(GRIDS)}")
   try:
     contexts = tuple(int(c) for c in args.contexts.split(","))
   except ValueError:
@@ -428,9 +419,9 @@ def main(argv=None) -> int:
   report = {"machine": machine(), "steps": args.steps, "warmup": args.warmup,
             "rounds": args.rounds}
   if "ops" in sections:
-    report["ops"] = [bench_op(spec, case, args.steps, args.warmup, args.rounds)
-                     for name, spec in OPS.items() if not args.op or name in args.op
-                     for case in spec.bench]
+    report["ops"] = [bench_op(grid, case, args.steps, args.warmup, args.rounds)
+                     for name, grid in GRIDS.items() if not args.op or name in args.op
+                     for case in grid.bench]
     report["per_image"] = per_image(report["ops"])
   if "linear" in sections:
     report["linear"] = bench_linear_throughput(args.steps, args.warmup, args.rounds)

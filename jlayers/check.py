@@ -1,11 +1,12 @@
-"""``python -m jlayers.check``: every registered op's manual gradients against autodiff.
+"""``python -m jlayers.check``: every op's manual gradients against autodiff, from the shell.
 
-For each op of :data:`jlayers.registry.OPS` (or of a user's module's ``SPECS``) and each case
-of its grid, runs ``jax.vjp`` of the manual rule and of the autodiff twin on the same inputs
-and random cotangents, in float32 and (unless ``--no-x64``) float64, and prints one row per
-case with the largest absolute and relative errors over the outputs and every gradient, and
-PASS or FAIL against the tolerances below.
-Exits with status 1 if any case fails.
+For each op of :data:`jlayers.grids.GRIDS` (or of a user's module's ``GRIDS``) and each case
+of its grid, runs the checker of :mod:`jlayers.testing` (``jax.vjp`` of the manual rule and of
+the autodiff twin on the same inputs and random cotangents) in float32 and (unless
+``--no-x64``) float64, and prints one row per case with the largest absolute and relative
+errors over the outputs and every gradient, and PASS or FAIL against the platform's
+tolerances (:data:`jlayers.testing.PLATFORM_TOLERANCES`). Exits with status 1 if any case
+fails.
 
 Examples::
 
@@ -13,10 +14,10 @@ Examples::
   python -m jlayers.check --op conv2d --no-x64  # one op, float32 only
   python -m jlayers.check --max-cases 2         # a quick subset
   python -m jlayers.check --formulation native  # on a CPU, the rules GPUs and TPUs run
-  python -m jlayers.check --module mypkg.ops    # your own rules: mypkg.ops.SPECS
+  python -m jlayers.check --module mypkg.ops    # your own rules: mypkg.ops.GRIDS
 
-The float32 tolerance depends on the platform (``PLATFORM_TOLERANCES``: TF32 products on GPU,
-bfloat16 passes on TPU); float64 is held to 1e-10 everywhere.
+The float32 tolerance depends on the platform (TF32 products on GPU, bfloat16 passes on TPU);
+float64 is held to 1e-10 everywhere.
 """
 
 from __future__ import annotations
@@ -28,80 +29,51 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 from jlayers import _platform, testing
 
-#: Relative-error tolerance per platform and dtype: ``max|manual − autodiff| / max|autodiff|``.
-#: On GPU, float32 products run in TF32 by default (10 mantissa bits, unit roundoff 4.9e-4),
-#: and the manual rule and the twin may pick different algorithms; on TPU, float32 products
-#: take one bfloat16 pass by default (8 bits). Float64 is the proof everywhere.
-PLATFORM_TOLERANCES = {
-    "cpu": {"float32": 1e-4, "float64": 1e-10},
-    "gpu": {"float32": 5e-3, "float64": 1e-10},
-    "tpu": {"float32": 3e-2, "float64": 1e-10},
-}
 
-
-def tolerances(platform: str | None = None) -> dict[str, float]:
-  """The tolerances of ``platform`` (default: JAX's default backend; CPU's if unknown)."""
-  platform = platform or jax.default_backend()
-  return PLATFORM_TOLERANCES.get(platform, PLATFORM_TOLERANCES["cpu"])
-
-
-TOLERANCES = tolerances("cpu")
-
-
-def check_case(spec, case, dtypes, seed=0):
-  """Errors of one case in each dtype, as ``{dtype: (abs, rel, passed)}``."""
-  limits, row = tolerances(), {}
-  for name in dtypes:
-    if name == "float64":
-      with jax.enable_x64(True):
-        result = testing.compare(spec, case, jnp.float64, seed=seed, jit=True)
-    else:
-      result = testing.compare(spec, case, jnp.dtype(name), seed=seed, jit=True)
-    row[name] = (result.worst_abs, result.worst_rel, result.worst_rel <= limits[name])
-  return row
-
-
-def load_specs(module_name: str | None) -> dict:
-  """jlayers' registry, or the ``SPECS`` (a list of :class:`jlayers.testing.OpSpec`) of a
-  user's module."""
+def load_grids(module_name: str | None) -> dict:
+  """jlayers' own grids (:data:`jlayers.grids.GRIDS`), or the ``GRIDS`` (a list of
+  :class:`jlayers.testing.Grid`) of a user's module."""
   if module_name is None:
-    from jlayers.registry import OPS  # noqa: PLC0415
-    return OPS
+    from jlayers.grids import GRIDS  # noqa: PLC0415
+    return GRIDS
   module = importlib.import_module(module_name)
-  specs = getattr(module, "SPECS", None)
-  if not isinstance(specs, (list, tuple)) or not all(
-      isinstance(s, testing.OpSpec) for s in specs):
-    raise SystemExit(f"{module_name}: expected a list SPECS of jlayers.testing.OpSpec, got "
-                     f"{type(specs).__name__}")
-  return {s.name: s for s in specs}
+  grids = getattr(module, "GRIDS", None)
+  if not isinstance(grids, (list, tuple)) or not all(
+      isinstance(g, testing.Grid) for g in grids):
+    raise SystemExit(f"{module_name}: expected a list GRIDS of jlayers.testing.Grid, got "
+                     f"{type(grids).__name__}")
+  return {g.name: g for g in grids}
 
 
 def run(op_names=None, x64=True, max_cases=None, out=None, as_json=False,
         formulation="auto", module=None):
-  """Checks the selected ops of jlayers' registry, or of ``module``'s ``SPECS`` (the rules
+  """Checks the selected ops of jlayers' grids, or of ``module``'s ``GRIDS`` (the rules
   traced in ``formulation``, see :func:`jlayers.formulation`); returns the number of failing
   cases."""
   out = sys.stdout if out is None else out
-  specs = load_specs(module)
-  unknown = sorted(set(op_names or ()) - set(specs))
+  grids = load_grids(module)
+  unknown = sorted(set(op_names or ()) - set(grids))
   if unknown:
-    raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(specs)}")
+    raise SystemExit(f"unknown op(s) {unknown}; known: {sorted(grids)}")
   dtypes = ("float32", "float64") if x64 else ("float32",)
   rows, failures, start = [], 0, time.perf_counter()
   if not as_json:
     head = ["op", "case"] + [f"{d} {k}" for d in dtypes for k in ("abs", "rel")] + ["result"]
     print("| " + " | ".join(head) + " |", file=out)
     print("|" + "---|" * len(head), file=out)
-  for name, spec in specs.items():
+  limits = testing.tolerances()
+  for name, grid in grids.items():
     if op_names and name not in op_names:
       continue
-    for case in spec.cases[:max_cases]:
-      with _platform.formulation(formulation):
-        errors = check_case(spec, case, dtypes)
+    for case in grid.cases[:max_cases]:
+      errors = {}
+      for d in dtypes:
+        report = testing.check_case(grid, case, dtype=d, rtol=limits[d], vmap=False,
+                                    dtypes=False, raises=False, formulations=(formulation,))
+        errors[d] = (report.worst_absolute, report.worst, report.passed)
       passed = all(p for _, _, p in errors.values())
       failures += not passed
       rows.append({"op": name, "case": case.id, "passed": passed,
@@ -111,7 +83,6 @@ def run(op_names=None, x64=True, max_cases=None, out=None, as_json=False,
         cells = [name, case.id] + [f"{errors[d][i]:.2e}" for d in dtypes for i in (0, 1)]
         print("| " + " | ".join(cells + ["PASS" if passed else "FAIL"]) + " |", file=out,
               flush=True)
-  limits = tolerances()
   summary = {"cases": len(rows), "failed": failures, "seconds": time.perf_counter() - start,
              "platform": jax.default_backend(), "formulation": formulation,
              "tolerances": {d: limits[d] for d in dtypes}}
@@ -141,8 +112,8 @@ def main(argv=None) -> int:
   parser.add_argument("--op", action="append", metavar="NAME",
                       help="only this op (repeatable)")
   parser.add_argument("--module", metavar="MODULE",
-                      help="check the SPECS of this importable module (e.g. mypkg.ops: a list "
-                           "of jlayers.testing.OpSpec) instead of jlayers' own ops")
+                      help="check the GRIDS of this importable module (e.g. mypkg.ops: a list "
+                           "of jlayers.testing.Grid) instead of jlayers' own ops")
   parser.add_argument("--x64", action=argparse.BooleanOptionalAction, default=True,
                       help="also check in float64 (default: on)")
   parser.add_argument("--max-cases", type=int, default=None, metavar="N",

@@ -8,9 +8,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
-from jlayers import _checks, _platform, _sharding
+from jlayers import _checks, _conv_cpu, _ops, _platform, _sharding
 
 _OP = "conv2d"
 # (x, w, y) dimension numbers of the forward, and where the spatial axes of x and w sit.
@@ -189,23 +188,23 @@ def _conv2d_bwd(config, res, g):
 
   **db** :math:`= \sum_{n,i,j} G_{n,i,j,o}`.
 
-  With :math:`s = d = G = 1` and VALID padding this is the seed notes' stride-1 rule:
+  With :math:`s = d = G = 1` and VALID padding this is the textbook stride-1 rule:
   :math:`lo' = hi' = K-1`, so dX is the *full* correlation of dY with the flipped kernel,
-  summed over output channels (:math:`∂L/∂X_{n,c} = \sum_f W_{f,c} * ∂L/∂Y_{n,f}`, the padded
-  length :math:`H - K + 1 + 2(K-1) = H + K - 1` of the notes), and dW is the valid
-  correlation :math:`\sum_n X_{n,c} \star ∂L/∂Y_{n,f}`.
+  summed over output channels (:math:`∂L/∂X_{n,c} = \sum_f W_{f,c} * ∂L/∂Y_{n,f}`, over the
+  padded length :math:`H - K + 1 + 2(K-1) = H + K - 1`), and dW is the valid correlation
+  :math:`\sum_n X_{n,c} \star ∂L/∂Y_{n,f}`.
 
   **Evaluation of dW.** On GPU and TPU (any platform but CPU) dW is the convolution above,
   XLA's native backward-filter convolution. XLA:CPU runs it badly: it is canonicalised with
   transposed copies of x and :math:`G` (temporaries as large as both) into a convolution with
-  an :math:`H' \times W'` kernel and a :math:`KH \times KW` output, which runs about 4x slower
-  than the forward of the same FLOPs (batch 128, 28x28, 32 to 64 channels: ~110 ms against
-  ~25 ms), and batch-grouped ones far slower still. So on CPU dW is evaluated from the second
+  an :math:`H' \times W'` kernel and a :math:`KH \times KW` output, which runs several times
+  slower than the forward of the same FLOPs, and batch-grouped ones slower still (the bench's
+  conv2d rows measure it). So on CPU dW is evaluated from the second
   form directly, as the product :math:`P^T G` of the patches :math:`P_{(n,i,j),(p,q,c)} =
   \bar x_{n,\, s i + d p,\, s j + d q,\, c}` with the cotangent (batched over groups),
-  accumulated in a loop over chunks of the batch whose patches fit in cache (``_chunk``); the
-  batch is padded with zero images (which add nothing) to a whole number of chunks. The
-  convolution remains only for an image whose patches exceed both that budget and all of x.
+  accumulated in a loop over chunks of the batch whose patches fit in cache
+  (:mod:`jlayers._conv_cpu`). The convolution remains only for an image whose patches exceed
+  both that budget and all of x.
   :func:`jax.lax.platform_dependent` picks the formulation when lowering (see
   :func:`jlayers.formulation`).
 
@@ -235,13 +234,10 @@ def _conv2d_bwd(config, res, g):
   dw_pads = [(lo, k + od - 1 - n - lo) for (lo, _), n, k, od in zip(pads, size, k_eff, out_dil)]
   native = functools.partial(_dw_native, pads=dw_pads, config=config,
                              out_sharding=_sharding.like(w))
-  channels = x.shape[3 if layout == "NHWC" else 1]
-  patch_bytes = (kernel[0] * kernel[1] * channels * g.shape[xs[0]] * g.shape[xs[1]]
-                 * x.dtype.itemsize)  # H'·W'·KH·KW·C per image
-  parts = _sharding.split_axis(x, 0)[0]
-  chunk = _chunk(x.shape[0] // parts, patch_bytes, x.size * x.dtype.itemsize)
+  chunk = _conv_cpu.loop_chunk(x, g, kernel, layout)
   if chunk:
-    cpu = functools.partial(_dw_patches, kernel=kernel, pads=dw_pads, chunk=chunk, config=config)
+    cpu = functools.partial(_conv_cpu.weight_grad, kernel=kernel, pads=dw_pads, chunk=chunk,
+                            config=config)
     dw = _platform.by_platform(x, g, cpu=cpu, native=native)
   else:
     dw = native(x, g)
@@ -289,113 +285,6 @@ def _dw_conv(x, g, pads, config, out_sharding):
                                   out_sharding=out_sharding)
 
 
-# Bytes of patches per step of the dW loop: about half of a 4 MiB L2 cache.
-_PATCH_BYTES = 2 << 20
-
-
-def _chunk(batch: int, per_image: int, x_bytes: int) -> int:
-  """Images per dW step: as many as fit the budget, spread evenly over the fewest steps (the
-  batch is then padded to ``steps · chunk``); one image when its patches alone exceed the
-  budget but not the size of ``x`` (the transposed copy the convolution would make); 0 (use
-  the convolution) otherwise, and for an empty batch."""
-  most = max(_PATCH_BYTES // max(per_image, 1), int(per_image <= x_bytes))
-  if batch == 0 or most == 0:
-    return 0
-  steps = -(-batch // most)
-  return -(-batch // steps)
-
-
-def _dw_patches(x, g, kernel, pads, chunk, config):
-  """dW as ``Σ_chunks Pᵀ G`` with ``P`` the patches of the padded ``x`` (see the bwd).
-
-  With the batch split over ``parts`` devices, ``x`` and ``G`` are viewed as
-  ``[steps, parts, chunk, ...]``: the loop runs over the unsplit ``steps`` axis, ``parts`` is
-  a batch dimension of the products, and the ``parts`` weight-sized accumulators are summed
-  once at the end. When ``chunk`` does not divide a device's ``local`` images, step ``i``
-  reads the chunk at ``min(i · chunk, local − chunk)`` instead (a slice inside the loop, no
-  padded copy of x or G) and zeroes the cotangent of the images an earlier step has counted.
-  """
-  stride, _, dilation, groups, layout, _, precision = config
-  nchw = layout == "NCHW"
-  c, o = x.shape[1 if nchw else 3], g.shape[1 if nchw else 3]
-  out = g.shape[2:] if nchw else g.shape[1:3]
-  span = [(k - 1) * s + 1 for k, s in zip(out, stride)]
-  acc_dtype = _checks.at_least_float32(x.dtype)  # f16/bf16 sum in f32
-  parts, names, explicit = _sharding.split_axis(x, 0)
-  lead = (parts,) if parts > 1 else ()
-  nl = len(lead)
-  local = x.shape[0] // parts
-  steps = -(-local // chunk)
-
-  def per_device(a):
-    """``[N, ...]`` as ``[*lead, local, ...]`` (free: the batch is split device-major)."""
-    if not lead:
-      return a
-    rest = a.shape[1:]
-    a = a.reshape(parts, local, *rest,
-                  out_sharding=P(names, *(None,) * (len(rest) + 1)) if explicit else None)
-    return _sharding.constrain(a, (names,))
-
-  def batches(a):
-    """``[N, ...]`` as the scanned ``[steps, *lead, chunk, ...]`` (``[N, ...]`` for unit
-    chunks on one device: a unit chunk axis would make XLA copy x and G to another layout)."""
-    a = per_device(a)
-    if chunk == 1 and not lead:
-      return a
-    a = a.reshape(*lead, steps, chunk, *a.shape[nl + 1:])
-    if lead:
-      a = _sharding.constrain(jnp.moveaxis(a, 1, 0), (None, names))
-    return a
-
-  def chunk_at(a, i):
-    """Step ``i``'s chunk of ``[*lead, local, ...]`` when ``chunk`` does not divide ``local``,
-    and the weights (0 or 1) of its images: the last chunk overlaps the one before it."""
-    start = jnp.minimum(i * chunk, local - chunk)
-    counted = (start + lax.iota(jnp.int32, chunk) >= i * chunk).astype(a.dtype)
-    return (lax.dynamic_slice_in_dim(a, start, chunk, axis=nl),
-            counted.reshape((1,) * nl + (chunk,) + (1,) * (a.ndim - nl - 1)))
-
-  def step(total, xg):
-    if steps * chunk > local:
-      (xc, _), (gc, counted) = chunk_at(xg[0], xg[2]), chunk_at(xg[1], xg[2])
-      gc = gc * counted
-    else:
-      xc = xg[0].reshape(*lead, chunk, *x.shape[1:])
-      gc = xg[1].reshape(*lead, chunk, *g.shape[1:])
-    if nchw:
-      to_nhwc = (*range(nl), nl, nl + 2, nl + 3, nl + 1)
-      xc, gc = xc.transpose(to_nhwc), gc.transpose(to_nhwc)
-    xc = lax.pad(xc, jnp.zeros((), x.dtype),
-                 [(0, 0, 0)] * (nl + 1) + [(*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
-    taps = [lax.slice(xc, (0,) * (nl + 1) + (p * dilation[0], q * dilation[1], 0),
-                      (*lead, chunk, p * dilation[0] + span[0], q * dilation[1] + span[1], c),
-                      (1,) * (nl + 1) + (*stride, 1))
-            for p in range(kernel[0]) for q in range(kernel[1])]
-    patches = jnp.stack(taps, axis=nl + 3).reshape(*lead, chunk, *out, len(taps), groups,
-                                                   c // groups)
-    gc = gc.reshape(*lead, chunk, *out, groups, o // groups)
-    contract = (nl, nl + 1, nl + 2)
-    dims = ((contract, contract), ((*range(nl), nl + 4), (*range(nl), nl + 3)))
-    return total + lax.dot_general(patches, gc, dims, precision=precision,
-                                   preferred_element_type=acc_dtype), None
-
-  shape = (*lead, groups, kernel[0] * kernel[1], c // groups, o // groups)
-  if lead and explicit:
-    total = jnp.zeros(shape, acc_dtype, out_sharding=P(names))
-  else:
-    total = _sharding.constrain(jnp.zeros(shape, acc_dtype), (names,) if lead else ())
-  if steps * chunk > local:
-    xl, gl = per_device(x), per_device(g)
-    total, _ = lax.scan(lambda t, i: step(t, (xl, gl, i)), total,
-                        jnp.arange(steps, dtype=jnp.int32))
-  else:
-    total, _ = lax.scan(step, total, (batches(x), batches(g)))
-  if lead:
-    total = jnp.sum(total, axis=0)
-  dw = total.transpose(1, 2, 0, 3).reshape(*kernel, c // groups, o)  # HWIO
-  return dw.transpose(3, 2, 0, 1) if nchw else dw
-
-
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
@@ -405,3 +294,6 @@ def conv2d_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, 
   """Autodiff twin of :func:`conv2d`: same signature, checks and forward, no custom rule."""
   x, w, b, config = _validate(x, w, b, stride, padding, dilation, groups, layout, precision)
   return _forward(config, x, w, b)
+
+
+conv2d_op = _ops.declare(_OP, conv2d, conv2d_reference)

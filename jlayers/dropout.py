@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers import _checks, _sharding
+from jlayers import _checks, _ops, _sharding
 
 
 # Raw key shapes of JAX's PRNG implementations.
@@ -141,7 +141,7 @@ def _dropout_bwd(res, g):
     \frac{∂y_i}{∂x_j} = δ_{ij} \frac{m_i}{1 - p}
     \;\Rightarrow\; \frac{∂L}{∂x} = \frac{m ⊙ g}{1 - p}
 
-  which is the seed notes' ``∂L/∂X = ∂L/∂Y · M`` with the inverted-dropout scale. A mask
+  that is, ``∂L/∂X = ∂L/∂Y · M`` with the inverted-dropout scale. A mask
   shared along ``broadcast_dims`` is broadcast back to ``x``'s shape. The mask is a sample,
   not a function of ``x`` or ``p``, and ``p`` is treated as a constant (its cotangent is
   ``None``, i.e. zero), as is the key. A traced ``p`` outside ``[0, 1]`` gives NaN here too;
@@ -162,3 +162,6 @@ def dropout_reference(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) 
   """
   return _apply(lambda x, keep, rate_arr: _forward(x, keep, jax.lax.stop_gradient(rate_arr)),
                 x, key, rate, broadcast_dims)
+
+
+dropout_op = _ops.declare("dropout", dropout, dropout_reference)

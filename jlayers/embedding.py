@@ -12,7 +12,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jlayers import _checks, _sharding
+from jlayers import _checks, _ops, _sharding
 
 _OP = "embedding"
 
@@ -169,3 +169,6 @@ def embedding_reference(ids: jax.Array, table: jax.Array) -> jax.Array:
   transpose scatter-adds the cotangent rows and drops those of ids out of range."""
   ids, table, config = _validate(ids, table)
   return _forward(config, ids, table)
+
+
+embedding_op = _ops.declare(_OP, embedding, embedding_reference)

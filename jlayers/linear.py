@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlayers import _checks, _sharding
+from jlayers import _checks, _ops, _sharding
 
 _OP = "linear"
 
@@ -129,3 +129,6 @@ def linear_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
   """Autodiff twin of :func:`linear`: same signature, checks and forward, no custom rule."""
   x, w, b, config = _validate(x, w, b, precision)
   return _forward(config, x, w, b)
+
+
+linear_op = _ops.declare(_OP, linear, linear_reference)

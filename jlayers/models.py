@@ -1,22 +1,21 @@
-"""Composition of layers, and the model-level check of manual against autodiff gradients."""
+"""Composition of layers: :class:`Composite` (and its :class:`Scope`), :class:`Sequential`,
+:class:`Residual` and :class:`Remat`."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from jlayers import _layer_base as base
-from jlayers import testing
-from jlayers._layer_base import Layer
+from jlayers import _checks
+from jlayers.layers import base
+from jlayers.layers.base import Layer
 
-__all__ = ["Composite", "Remat", "Residual", "Scope", "Sequential", "grad_differences",
-           "max_grad_difference"]
+__all__ = ["Composite", "Remat", "Residual", "Scope", "Sequential"]
 
 
 def _child_key(key, name: str):
@@ -51,8 +50,16 @@ class Scope:
 
   def __call__(self, name: str, child: Layer, x):
     _check_child(self.where, name, child, self.called)
-    y, s = child.apply(self.params.get(name, {}), self.state.get(name, self.old_state.get(
-        name, {})), x, key=_child_key(self.key, name), train=self.train, impl=self.impl)
+    state = self.state.get(name, self.old_state.get(name, {}))
+    try:
+      y, s = child.apply(self.params.get(name, {}), state, x, key=_child_key(self.key, name),
+                         train=self.train, impl=self.impl)
+    except KeyError:
+      for what, tree in (("params", self.params), ("state", self.old_state)):
+        if name not in tree and tree:  # the child's entry is missing, or under another name
+          raise KeyError(f"{self.where}: {what} has no entry {name!r} for child {name!r} "
+                         f"(it has {sorted(tree)})") from None
+      raise
     if s:
       self.state[name] = s
     return y
@@ -85,12 +92,13 @@ class _Recorder:
   def params_of(self, name: str):
     _check_called(self.where, name, self.called)
     struct = self.inputs[name]
-    return self.called[name].init(jax.random.key(0), struct.shape, dtype=struct.dtype)[0]
+    return self.called[name].init(jax.random.key(0), struct.shape,
+                                  input_dtype=struct.dtype)[0]
 
   def __call__(self, name: str, child: Layer, x):
     _check_child(self.where, name, child, self.called)
     self.inputs.setdefault(name, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    params, state = child.init(jax.random.key(0), x.shape, dtype=x.dtype)
+    params, state = child.init(jax.random.key(0), x.shape, input_dtype=x.dtype)
     return child.apply(params, state, x, train=False)[0]
 
 
@@ -147,15 +155,15 @@ class Composite(Layer):
     """The computation: ``scope(name, child, x)`` calls a child (see :class:`Scope`)."""
     raise NotImplementedError
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
     where = type(self).__name__
-    shape = base.shape_of(where, input_shape)
+    shape = _checks.shape_of(where, input_shape)
     recorder = _Recorder(where)
-    jax.eval_shape(lambda x: self.forward(recorder, x), jax.ShapeDtypeStruct(shape, dtype))
+    jax.eval_shape(lambda x: self.forward(recorder, x), jax.ShapeDtypeStruct(shape, input_dtype))
     params, state = {}, {}
     for name, child in recorder.called.items():
       struct = recorder.inputs[name]
-      p, s = child.init(_child_key(key, name), struct.shape, dtype=struct.dtype)
+      p, s = child.init(_child_key(key, name), struct.shape, input_dtype=struct.dtype)
       if p:
         params[name] = p
       if s:
@@ -164,7 +172,7 @@ class Composite(Layer):
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     where = type(self).__name__
-    base.check_call(where, train, impl)
+    _checks.static_call(where, train, impl)
     scope = Scope(where, params, state, key=key, train=train, impl=impl)
     y = self.forward(scope, x)
     scope.check_unused()
@@ -238,11 +246,11 @@ class Remat(Layer):
       raise TypeError(f"Remat: policy must be None or a jax.checkpoint_policies policy, got "
                       f"{type(self.policy).__name__}")
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
-    return self.layer.init(key, input_shape, dtype=dtype)
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    return self.layer.init(key, input_shape, input_dtype=input_dtype)
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("Remat", train, impl)
+    _checks.static_call("Remat", train, impl)
 
     def run(params, state, x, key):
       return self.layer.apply(params, state, x, key=key, train=train, impl=impl)
@@ -251,8 +259,8 @@ class Remat(Layer):
 
 
 @dataclasses.dataclass(frozen=True)
-class Sequential(Layer):
-  """Layers applied one after another; itself a layer, so models nest.
+class Sequential(Composite):
+  """Layers applied one after another; itself a layer (a :class:`Composite`), so models nest.
 
   ``layers`` is a list of layers, a mapping from names to layers, or a list of
   ``(name, layer)`` pairs. Unnamed, child ``i`` is named ``f"{layer.kind}_{i}"``
@@ -262,8 +270,9 @@ class Sequential(Layer):
   threads the shape through the children with :func:`jax.eval_shape`, so no layer needs its
   input size spelled out.
 
-  ``apply`` passes ``train`` and ``impl`` to every child, and gives child ``i`` the key
-  ``jax.random.fold_in(key, i)``: two dropout layers never share a mask.
+  As in every :class:`Composite`, ``apply`` passes ``train`` and ``impl`` to every child and
+  gives each its own key, derived from its name (:class:`Scope`): two dropout layers never
+  share a mask, and a child keeps its key when others are inserted before it.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jlayers
@@ -315,81 +324,7 @@ class Sequential(Layer):
     """The children's names, in order."""
     return self._names
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
-    shape = base.shape_of("Sequential", input_shape)
-    x = jax.ShapeDtypeStruct(shape, dtype)
-    params, state = {}, {}
-    for i, (name, layer) in enumerate(zip(self.names, self.layers)):
-      p, s = layer.init(jax.random.fold_in(key, i), x.shape, dtype=x.dtype)
-      if p:
-        params[name] = p
-      if s:
-        state[name] = s
-      x, _ = jax.eval_shape(functools.partial(layer.apply, train=False), p, s, x)
-    return params, state
-
-  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("Sequential", train, impl)
-    for what, tree in (("params", params), ("state", state)):
-      if not isinstance(tree, dict):
-        raise TypeError(f"Sequential: {what} must be a dict, got {type(tree).__name__}")
-      unknown = sorted(set(tree) - set(self.names))
-      if unknown:
-        raise ValueError(f"Sequential: {what} has entries {unknown} that match no layer "
-                         f"(layers: {list(self.names)})")
-    new_state = {}
-    for i, (name, layer) in enumerate(zip(self.names, self.layers)):
-      child_key = None if key is None else jax.random.fold_in(key, i)
-      x, s = layer.apply(params.get(name, {}), state.get(name, {}), x, key=child_key,
-                         train=train, impl=impl)
-      if s:
-        new_state[name] = s
-    return x, new_state
-
-
-def grad_differences(loss_fn: Callable[..., jax.Array], params: Any, *args,
-                     **kwargs) -> dict[str, float]:
-  """Relative difference of the manual and autodiff gradients, per param leaf.
-
-  Computes ``g_m = grad(loss_fn)(params, *args, impl="manual", **kwargs)`` and ``g_a`` with
-  ``impl="autodiff"``, both under ``jax.jit`` (``args`` are traced, ``kwargs`` are static),
-  and for every leaf ``max|g_m − g_a| / max|g_a|`` (see :func:`jlayers.testing.rel_err`).
-  Inside ``jax.enable_x64(True)`` with float64 params and inputs the two agree to ~1e-13.
-
-  A leaf whose gradient is zero in exact arithmetic (the bias of a convolution that feeds
-  batch norm) compares rounding noise with rounding noise and reads as a large relative
-  difference; leave such redundant params out (``use_bias=False``), as is usual anyway.
-
-  Args:
-    loss_fn: ``loss_fn(params, *args, impl=..., **kwargs) -> float[]``.
-    params: pytree of float arrays, the point where the gradients are taken.
-    *args: arrays (pytrees) passed on to ``loss_fn``, e.g. state, batch, key.
-    **kwargs: static configuration passed on to ``loss_fn``.
-
-  Returns:
-    ``{jax.tree_util.keystr(path): relative difference}`` over the leaves of ``params``.
-  """
-  grads = {}
-  for impl in ("manual", "autodiff"):
-    grads[impl] = jax.jit(jax.grad(functools.partial(loss_fn, impl=impl, **kwargs)))(
-        params, *args)
-  manual = jax.tree_util.tree_leaves_with_path(grads["manual"])
-  autodiff = jax.tree_util.tree_leaves(grads["autodiff"])
-  return {jax.tree_util.keystr(path): testing.rel_err(a, b)[1]
-          for (path, a), b in zip(manual, autodiff)}
-
-
-def max_grad_difference(loss_fn: Callable[..., jax.Array], params: Any, *args,
-                        **kwargs) -> float:
-  """The worst leaf of :func:`grad_differences`: one number for a whole model.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, jlayers
-    >>> model = jlayers.Sequential([jlayers.Linear(4), jlayers.ReLU(), jlayers.Linear(1)])
-    >>> params, state = model.init(jax.random.key(0), (8, 3))
-    >>> def loss(params, x, *, impl):
-    ...   return jnp.sum(model.apply(params, state, x, impl=impl)[0] ** 2)
-    >>> jlayers.max_grad_difference(loss, params, jnp.ones((8, 3))) < 1e-6
-    True
-  """
-  return max(grad_differences(loss_fn, params, *args, **kwargs).values(), default=0.0)
+  def forward(self, scope, x):
+    for name, layer in zip(self.names, self.layers):
+      x = scope(name, layer, x)
+    return x

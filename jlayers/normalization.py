@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jlayers import _checks, _standardize
+from jlayers import _checks, _ops, _standardize
 
 
 class _Config(NamedTuple):
@@ -322,3 +322,8 @@ def group_norm_reference(x: jax.Array, scale: jax.Array | None, offset: jax.Arra
   """Autodiff twin of :func:`group_norm`."""
   x, scale, offset, config = _group_config(x, scale, offset, groups, axis, eps)
   return _forward(config, x, scale, offset)
+
+
+layer_norm_op = _ops.declare("layer_norm", layer_norm, layer_norm_reference)
+rms_norm_op = _ops.declare("rms_norm", rms_norm, rms_norm_reference)
+group_norm_op = _ops.declare("group_norm", group_norm, group_norm_reference)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jlayers import _checks
-from jlayers.loss import _like, _masked
+from jlayers import _checks, _logits, _ops, _sharding
 
 
 def _validate(op, x, axis, where):
@@ -33,7 +32,7 @@ def _validate(op, x, axis, where):
   if w.ndim != x.ndim or any(d not in (1, n) for d, n in zip(w.shape, x.shape)):
     raise ValueError(f"{op}: where must have the rank of x and each dimension 1 or equal to "
                      f"x's, for x of shape {tuple(x.shape)}; got shape {tuple(w.shape)}")
-  return x, axes, _like(w, x)
+  return x, axes, _sharding.reshard_like(w, x)
 
 
 def _exp_shifted(axes, x, w):
@@ -220,9 +219,9 @@ def _log_softmax_bwd(axes, res, g):
   differentiable in the residual ``y``, so second order works. ``where`` gets ``None``.
   """
   y, w = res
-  gw = _masked(w, g.astype(_checks.at_least_float32(y.dtype)))
+  gw = _logits.masked(w, g.astype(_checks.at_least_float32(y.dtype)))
   dx = gw - jnp.exp(y.astype(gw.dtype)) * jnp.sum(gw, axis=axes, keepdims=True)
-  return _masked(w, dx).astype(g.dtype), None
+  return _logits.masked(w, dx).astype(g.dtype), None
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
@@ -235,3 +234,7 @@ def log_softmax_reference(x: jax.Array, *, axis=-1,
   out), differentiated by JAX."""
   x, axes, w = _validate("log_softmax", x, axis, where)
   return _log_softmax_forward(axes, x, w)
+
+
+softmax_op = _ops.declare("softmax", softmax, softmax_reference)
+log_softmax_op = _ops.declare("log_softmax", log_softmax, log_softmax_reference)

@@ -1,14 +1,22 @@
 """Checking hand-written backward passes against autodiff, for jlayers' ops and for yours.
 
-:func:`check_rule` takes a manual op (typically a ``jax.custom_vjp``), its reference twin (the
-same forward, differentiated by JAX) and example arguments, and compares, in float64 with
-random cotangents: the forward outputs, the VJP of every differentiable argument, the same
-under ``jax.jit`` and under ``jax.vmap``, and the dtypes and shapes of the gradients for the
-arguments as given. It returns a :class:`RuleReport` with the worst relative error per
-argument, or raises :class:`RuleMismatch` (an ``AssertionError``, so pytest shows it) when one
-exceeds the tolerance. :func:`check_case` does the same for one :class:`Case` of an
-:class:`OpSpec` grid; jlayers' own test suite runs every op of its registry through it, and
-``python -m jlayers.check --module mypkg.ops`` runs the ``SPECS`` of a user's module.
+One engine compares a manual op (typically a ``jax.custom_vjp``) with its twin (the same
+forward, differentiated by JAX) on the same inputs and a random cotangent: the forward
+outputs, the VJP of every differentiable argument, optionally the same under ``jax.vmap``, and
+the dtypes and shapes of the gradients. It reports, per argument, the worst absolute and
+relative error (:class:`RuleReport`), and raises :class:`RuleMismatch` (an
+``AssertionError``, so pytest shows it) when one exceeds the tolerance. Everything that checks
+a rule goes through it:
+
+* :func:`check_rule`: your op, its twin and example arguments, in float64;
+* :func:`check_case`: one :class:`Case` of a :class:`Grid` (jlayers' own grids in
+  :mod:`jlayers.grids`, or your module's ``GRIDS``), in float64 or float32; jlayers' test suite
+  and ``python -m jlayers.check`` run every grid through it;
+* :func:`grad_differences` / :func:`max_grad_difference`: a whole model's gradients, per param
+  leaf, under ``impl="manual"`` and ``impl="autodiff"``.
+
+:func:`vjp_runner` is the one jitted ``(outputs, gradients)`` runner, shared by the checker, the
+benchmarks and the tests.
 
 Examples:
   >>> import jax, jax.numpy as jnp, jlayers
@@ -24,19 +32,44 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jlayers._ops import Op
+from jlayers._platform import formulation
 
 MakeArgs = Callable[[np.random.Generator, Any], tuple]
 
 MESH_BATCH = 24
 """The global batch of the mesh cases: 3 examples per device on 8 devices, and no other
 dimension of a mesh case has this size (so a gathered batch is recognisable in compiled HLO)."""
+
+PLATFORM_TOLERANCES = {
+    "cpu": {"float32": 1e-4, "float64": 1e-10},
+    "gpu": {"float32": 5e-3, "float64": 1e-10},
+    "tpu": {"float32": 3e-2, "float64": 1e-10},
+}
+"""Relative-error tolerance per platform and dtype: ``max|manual − autodiff| / max|autodiff|``.
+On GPU, float32 products run in TF32 by default (10 mantissa bits, unit roundoff 4.9e-4), and
+the manual rule and the twin may pick different algorithms; on TPU, float32 products take one
+bfloat16 pass by default (8 bits). Float64 is the proof everywhere."""
+
+
+def tolerances(platform: str | None = None) -> dict[str, float]:
+  """The tolerances of ``platform`` (default: JAX's default backend; CPU's if unknown)."""
+  platform = platform or jax.default_backend()
+  return PLATFORM_TOLERANCES.get(platform, PLATFORM_TOLERANCES["cpu"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +93,11 @@ class Case:
 
 
 @dataclasses.dataclass(frozen=True)
-class OpSpec:
-  """An op: manual rule, autodiff twin, grid of cases.
+class Grid:
+  """An op and its grid of cases.
 
   Attributes:
-    name: the op's name (``jlayers.<name>`` and ``jlayers.reference.<name>`` for jlayers').
-    manual: the op with the hand-written ``custom_vjp``.
-    reference: the plain-jnp twin with the same signature.
+    op: the :class:`jlayers.Op` (its manual rule and its twin).
     cases: the configuration grid.
     representative: ids of the cases the costlier generic checks run on (second order, jit,
       vmap, dtypes); default the first case. Choose ones that exercise the real rule.
@@ -78,15 +109,25 @@ class OpSpec:
       gradients against float64, in units of the format's epsilon (``jnp.finfo(dtype).eps``).
   """
 
-  name: str
-  manual: Callable[..., Any]
-  reference: Callable[..., Any]
+  op: Op
   cases: tuple[Case, ...]
   representative: tuple[str, ...] = ()
   bench: tuple[Case, ...] = ()
   mesh: tuple[Case, ...] = ()
   platform_dependent: bool = False
   half_precision: float = 2.0
+
+  @property
+  def name(self) -> str:
+    return self.op.name
+
+  @property
+  def manual(self) -> Callable[..., Any]:
+    return self.op.manual
+
+  @property
+  def reference(self) -> Callable[..., Any]:
+    return self.op.reference
 
   def case(self, case_id: str) -> Case:
     for c in self.cases:
@@ -119,8 +160,57 @@ def away_from_zero(rng: np.random.Generator, shape, dtype, gap: float = 0.1):
   return _host(v, dtype)
 
 
+def random_like(rng: np.random.Generator, tree):
+  """A standard-normal pytree with the shapes and dtypes of ``tree``."""
+  return jax.tree_util.tree_map(
+      lambda a: _host(rng.standard_normal(a.shape), a.dtype), tree)
+
+
 # ---------------------------------------------------------------------------------------------
-# Comparison.
+# Errors.
+
+
+class Error(NamedTuple):
+  """``absolute = max |a − ref|`` and ``relative = absolute / max |ref|`` over an array or a
+  pytree (see :func:`error`)."""
+
+  absolute: float
+  relative: float
+
+
+def error(a, ref) -> Error:
+  """The error of ``a`` against ``ref``, computed on the host.
+
+  Entries equal in both count as no error (so a ``-inf`` that both give, a masked
+  log-probability, agrees), and the scale is the largest *finite* ``|ref|``, floored at the
+  dtype's smallest normal number so an all-zero reference gives the absolute error scaled,
+  not inf. An infinity or NaN where the other side differs makes the error inf or NaN.
+  """
+  wide = np.float64 if ref.dtype == jnp.float64 else np.float32
+  a, ref = np.asarray(a).astype(wide), np.asarray(ref).astype(wide)
+  if ref.size == 0:
+    return Error(0.0, 0.0)
+  with np.errstate(invalid="ignore"):  # inf - inf where the two differ is NaN: an error
+    diff = float(np.max(np.where(a == ref, 0.0, np.abs(a - ref))))
+  scale = max(float(np.max(np.where(np.isfinite(ref), np.abs(ref), 0.0))),
+              float(np.finfo(wide).tiny))
+  return Error(diff, diff / scale)
+
+
+def worst(tree, ref_tree) -> Error:
+  """The largest absolute and the largest relative :func:`error` over two pytrees' leaves."""
+  errors = [error(a, b) for a, b in zip(jax.tree_util.tree_leaves(tree),
+                                        jax.tree_util.tree_leaves(ref_tree))]
+  return Error(max((e.absolute for e in errors), default=0.0),
+               max((e.relative for e in errors), default=0.0))
+
+
+def _worse(a: Error, b: Error) -> Error:
+  return Error(max(a.absolute, b.absolute), max(a.relative, b.relative))
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners.
 
 
 def restrict(fn, case: Case, args: tuple):
@@ -135,80 +225,21 @@ def restrict(fn, case: Case, args: tuple):
   return f
 
 
-def random_like(rng: np.random.Generator, tree):
-  """A standard-normal pytree with the shapes and dtypes of ``tree``."""
-  return jax.tree_util.tree_map(
-      lambda a: _host(rng.standard_normal(a.shape), a.dtype), tree)
+def _vjp(fn, case, args, primals, cot):
+  out, pullback = jax.vjp(restrict(fn, case, args), *primals)
+  return out, pullback(cot)
 
 
-def rel_err(a: jax.Array, ref: jax.Array) -> tuple[float, float]:
-  """``(max |a - ref|, max |a - ref| / max |ref|)``.
-
-  Entries equal in both count as no error (so a ``-inf`` that both give, a masked
-  log-probability, agrees), and the scale is the largest *finite* ``|ref|``, floored at the
-  dtype's smallest normal number so an all-zero reference gives the absolute error scaled,
-  not inf. An infinity or NaN where the other side differs makes the error inf or NaN.
-  """
-  wide = np.float64 if ref.dtype == jnp.float64 else np.float32
-  a, ref = np.asarray(a).astype(wide), np.asarray(ref).astype(wide)  # on the host
-  if ref.size == 0:
-    return 0.0, 0.0
-  with np.errstate(invalid="ignore"):  # inf - inf where the two differ is NaN: an error
-    diff = float(np.max(np.where(a == ref, 0.0, np.abs(a - ref))))
-  scale = max(float(np.max(np.where(np.isfinite(ref), np.abs(ref), 0.0))),
-              float(np.finfo(wide).tiny))
-  return diff, diff / scale
-
-
-def _worst(tree, ref_tree) -> tuple[float, float]:
-  """Largest absolute and largest relative error over the leaves of two pytrees."""
-  errs = [rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(tree),
-                                        jax.tree_util.tree_leaves(ref_tree))]
-  return max((e[0] for e in errs), default=0.0), max((e[1] for e in errs), default=0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Comparison:
-  """Errors of one case: forward outputs, and the gradient of each differentiable argument,
-  each as ``(max absolute error, max relative error)``."""
-
-  out: tuple[float, float]
-  grads: dict[int, tuple[float, float]]
-
-  @property
-  def worst_rel(self) -> float:
-    return max([self.out[1], *(r for _, r in self.grads.values())])
-
-  @property
-  def worst_abs(self) -> float:
-    return max([self.out[0], *(a for a, _ in self.grads.values())])
-
-
-def _vjp_runner(fn, case: Case, jit: bool):
-  def run(args, primals, cot):
-    out, pullback = jax.vjp(restrict(fn, case, args), *primals)
-    return out, pullback(cot)
+def vjp_runner(fn: Callable[..., Any], case: Case, *, jit: bool = True):
+  """``run(args, primals, cotangent) -> (outputs, gradients)``: ``jax.vjp`` of ``fn`` in the
+  arguments ``case.diff`` (``primals``; the rest of ``args`` as they are), applied to
+  ``cotangent``; jitted unless ``jit=False``. ``fn(*args, **case.kwargs)`` is the call."""
+  run = functools.partial(_vjp, fn, case)
   return jax.jit(run) if jit else run
 
 
-def compare(spec: OpSpec, case: Case, dtype, seed: int = 0, jit: bool = False) -> Comparison:
-  """Runs ``jax.vjp`` of the manual op and of its twin on the same inputs and cotangent.
-
-  Float64 needs the caller to be inside ``jax.enable_x64(True)``.
-  """
-  rng = np.random.default_rng(seed)
-  args = case.make(rng, dtype)
-  primals = tuple(args[i] for i in case.diff)
-  out_shape = jax.eval_shape(restrict(spec.reference, case, args), *primals)
-  cot = random_like(rng, out_shape)
-  out_m, g_m = _vjp_runner(spec.manual, case, jit)(args, primals, cot)
-  out_r, g_r = _vjp_runner(spec.reference, case, jit)(args, primals, cot)
-  return Comparison(_worst(out_m, out_r),
-                    {i: _worst(a, b) for i, a, b in zip(case.diff, g_m, g_r)})
-
-
 # ---------------------------------------------------------------------------------------------
-# The public checker.
+# The engine.
 
 
 class RuleMismatch(AssertionError):
@@ -217,51 +248,127 @@ class RuleMismatch(AssertionError):
 
 @dataclasses.dataclass(frozen=True)
 class RuleReport:
-  """What :func:`check_rule` measured, in float64.
+  """What the checker measured for one rule (or one case of a grid) in one dtype.
 
   Attributes:
     name: the op's name (and case id).
-    forward: relative error of the forward outputs (manual against twin).
-    grads: ``{argument position: relative error of its gradient}`` under ``jax.jit``.
-    vmap: relative error of the manual VJP under ``jax.vmap`` (two examples stacked on a new
+    dtype: the dtype the comparison ran in (``"float64"`` for the proof).
+    forward: the error of the forward outputs (manual against twin).
+    grads: ``{argument position: error of its gradient}``.
+    vmap: the error of the manual VJP under ``jax.vmap`` (two examples stacked on a new
       leading axis of the differentiable arguments) against the twin's per example; ``None``
       when not run.
-    dtype_problems: gradients whose dtype or shape differ from their argument's, for the
-      arguments in their given dtypes.
-    rtol: the tolerance the errors were held to.
+    dtype_problems: gradients whose dtype or shape differ from their argument's.
+    rtol: the tolerance the relative errors were held to.
   """
 
   name: str
-  forward: float
-  grads: dict[int, float]
-  vmap: float | None
+  dtype: str
+  forward: Error
+  grads: dict[int, Error]
+  vmap: Error | None
   dtype_problems: tuple[str, ...]
   rtol: float
 
+  def _errors(self) -> list[Error]:
+    return [self.forward, *self.grads.values(), *([self.vmap] if self.vmap else [])]
+
   @property
   def worst(self) -> float:
-    return max([self.forward, *self.grads.values(), self.vmap or 0.0])
+    """The largest relative error of the report."""
+    return max(e.relative for e in self._errors())
+
+  @property
+  def worst_absolute(self) -> float:
+    """The largest absolute error of the report."""
+    return max(e.absolute for e in self._errors())
 
   @property
   def passed(self) -> bool:
     return self.worst <= self.rtol and not self.dtype_problems
 
   def __str__(self) -> str:
-    parts = [f"forward {self.forward:.2e}"]
-    parts += [f"grad of argument {i} {e:.2e}" for i, e in self.grads.items()]
+    def fmt(what, e):
+      return f"{what} {e.relative:.2e} (abs {e.absolute:.2e})"
+
+    parts = [fmt("forward", self.forward)]
+    parts += [fmt(f"grad of argument {i}", e) for i, e in self.grads.items()]
     if self.vmap is not None:
-      parts.append(f"vmap {self.vmap:.2e}")
+      parts.append(fmt("vmap", self.vmap))
     parts += list(self.dtype_problems)
     verdict = "passed" if self.passed else "FAILED"
-    return f"{self.name}: {verdict} (relative errors, tolerance {self.rtol:g}): " + ", ".join(
-        parts)
+    return (f"{self.name} ({self.dtype}): {verdict} (relative errors, tolerance "
+            f"{self.rtol:g}): " + ", ".join(parts))
 
 
-def _float64(tree):
-  return jax.tree_util.tree_map(
-      lambda a: jnp.asarray(a, jnp.float64)
-      if isinstance(a, (jax.Array, np.ndarray, float)) and jnp.issubdtype(
-          jnp.asarray(a).dtype, jnp.floating) else a, tree)
+def _compare(manual, reference, case, make, dtype, *, name, rtol, seed, vmap, dtype_args,
+             formulations) -> RuleReport:
+  """The engine: ``make(rng, dtype)`` builds the arguments, one ``rng`` seeded with ``seed``
+  then draws the cotangent; the twin and the manual rule (traced in each of
+  ``formulations``) run in ONE jitted program, so a case costs one compile."""
+  dtype = jnp.dtype(dtype)
+  x64 = jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
+  with x64:
+    rng = np.random.default_rng(seed)
+    args = make(rng, dtype)
+    primals = tuple(args[i] for i in case.diff)
+    cot = random_like(rng, jax.eval_shape(restrict(reference, case, args), *primals))
+
+    def paired(args, primals, cot):
+      got = []
+      for form in formulations:
+        with formulation(form):
+          got.append(_vjp(manual, case, args, primals, cot))
+      return _vjp(reference, case, args, primals, cot), got
+
+    (out_r, g_r), got = jax.jit(paired)(args, primals, cot)
+    forward, grads, problems = Error(0.0, 0.0), dict.fromkeys(case.diff, Error(0.0, 0.0)), ()
+    for out_m, g_m in got:
+      forward = _worse(forward, worst(out_m, out_r))
+      grads = {i: _worse(grads[i], worst(a, b)) for i, a, b in zip(case.diff, g_m, g_r)}
+      problems += tuple(f"{dtype} gradient of argument {i} is {g.dtype}{list(g.shape)}"
+                        for i, p, g in zip(case.diff, primals, g_m)
+                        if g.dtype != p.dtype or g.shape != p.shape)
+    vmap_error = _vmap_error(manual, reference, case, args, primals, cot, rng) if vmap else None
+  if dtype_args is not None:
+    problems += _dtype_problems(manual, case, dtype_args)
+  return RuleReport(name, str(dtype), forward, grads, vmap_error, tuple(dict.fromkeys(problems)),
+                    rtol)
+
+
+def _vmap_error(manual, reference, case, args, primals, cot, rng) -> Error:
+  """The manual VJP under ``vmap`` over two stacked examples against the twin's per example,
+  both in one jitted program."""
+  second = tuple(_host(np.asarray(p) + 0.1 * rng.standard_normal(p.shape), p.dtype)
+                 for p in primals)
+  cot2 = random_like(rng, cot)
+  stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
+
+  def paired(args, one, two):
+    batched = jax.tree_util.tree_map(stack, one, two)
+    got = jax.vmap(lambda p, c: _vjp(manual, case, args, p, c))(*batched)
+    want = [_vjp(reference, case, args, p, c) for p, c in (one, two)]
+    return got, jax.tree_util.tree_map(stack, *want)
+
+  got, want = jax.jit(paired)(args, (primals, cot), (second, cot2))
+  return worst(got, want)
+
+
+def _dtype_problems(manual, case, args) -> tuple[str, ...]:
+  """Gradients of ``args`` as given whose dtype or shape differ from the argument's (traced
+  only, with ``jax.eval_shape``: nothing is compiled)."""
+  primals = tuple(args[i] for i in case.diff)
+
+  def grads(primals):
+    out, pullback = jax.vjp(restrict(manual, case, args), *primals)
+    return pullback(jax.tree_util.tree_map(jnp.ones_like, out))
+
+  problems = []
+  for i, p, g in zip(case.diff, primals, jax.eval_shape(grads, primals)):
+    if g.dtype != p.dtype or g.shape != p.shape:
+      problems.append(f"gradient of argument {i} is {g.dtype}{list(g.shape)} for an argument "
+                      f"{p.dtype}{list(p.shape)}")
+  return tuple(problems)
 
 
 def _floating(a) -> bool:
@@ -269,11 +376,16 @@ def _floating(a) -> bool:
           and not jnp.issubdtype(a.dtype, jax.dtypes.prng_key))
 
 
+def _cast_floats(args, dtype):
+  return jax.tree_util.tree_map(
+      lambda a: jnp.asarray(a, dtype) if _floating(a) or isinstance(a, float) else a, args)
+
+
 def check_rule(manual: Callable[..., Any], reference: Callable[..., Any], *args,
                diff: tuple[int, ...] | None = None, kwargs: Mapping[str, Any] | None = None,
                rtol: float = 1e-10, vmap: bool = True, dtypes: bool = True, seed: int = 0,
                name: str | None = None, raises: bool = True) -> RuleReport:
-  """Compares a manual rule with autodiff of its twin; see the module docstring.
+  """Compares a manual rule with autodiff of its twin, in float64; see the module docstring.
 
   Args:
     manual: the op with the hand-written backward pass.
@@ -296,76 +408,99 @@ def check_rule(manual: Callable[..., Any], reference: Callable[..., Any], *args,
     diff = tuple(i for i, a in enumerate(args) if _floating(a))
   case = Case(name or getattr(manual, "__name__", "rule"), lambda rng, dtype: args,
               dict(kwargs or {}), tuple(diff))
-  return _check(manual, reference, case, args, rtol=rtol, vmap=vmap, dtypes=dtypes, seed=seed,
-                raises=raises)
-
-
-def check_case(spec: OpSpec, case: Case, *, rtol: float = 1e-10, vmap: bool = True,
-               dtypes: bool = True, seed: int = 0, raises: bool = True,
-               formulations: tuple[str, ...] = ("auto",)) -> RuleReport:
-  """:func:`check_rule` on one case of a grid: its arguments built in float64 (and, for the
-  dtype check, in float32). With several ``formulations`` (see :func:`jlayers.formulation`)
-  the manual rule is traced in each and compared with one evaluation of the twin; the report
-  holds the worst of them."""
-  args = case.make(np.random.default_rng(seed), jnp.float32)
-  case = dataclasses.replace(case, id=f"{spec.name}[{case.id}]")
-  return _check(spec.manual, spec.reference, case, args, rtol=rtol, vmap=vmap, dtypes=dtypes,
-                seed=seed, raises=raises, make64=True, formulations=formulations)
-
-
-def _check(manual, reference, case, args, *, rtol, vmap, dtypes, seed, raises, make64=False,
-           formulations=("auto",)):
-  from jlayers._platform import formulation  # noqa: PLC0415  (the package imports this module)
-
-  rng = np.random.default_rng(seed + 1)
-  with jax.enable_x64(True):
-    args64 = case.make(np.random.default_rng(seed), jnp.float64) if make64 else _float64(args)
-    primals = tuple(args64[i] for i in case.diff)
-    out_shape = jax.eval_shape(restrict(reference, case, args64), *primals)
-    cot = random_like(rng, out_shape)
-    out_r, g_r = _vjp_runner(reference, case, True)(args64, primals, cot)
-    forward, grads, wrong64 = 0.0, dict.fromkeys(case.diff, 0.0), ()
-    for name in formulations:
-      with formulation(name):
-        out_m, g_m = _vjp_runner(manual, case, True)(args64, primals, cot)
-      forward = max(forward, _worst(out_m, out_r)[1])
-      grads = {i: max(grads[i], _worst(a, b)[1]) for i, a, b in zip(case.diff, g_m, g_r)}
-      wrong64 += tuple(f"float64 gradient of argument {i} is {g.dtype}{list(g.shape)}"
-                       for i, p, g in zip(case.diff, primals, g_m)
-                       if g.dtype != p.dtype or g.shape != p.shape)
-    vmap_err = _vmap_error(manual, reference, case, args64, primals, cot, rng) if vmap else None
-  problems = wrong64 + (_dtype_problems(manual, case, args) if dtypes else ())
-  report = RuleReport(case.id, forward, grads, vmap_err, problems, rtol)
+  report = _compare(manual, reference, case, lambda rng, dtype: _cast_floats(args, dtype),
+                    jnp.float64, name=case.id, rtol=rtol, seed=seed, vmap=vmap,
+                    dtype_args=args if dtypes else None, formulations=("auto",))
   if raises and not report.passed:
     raise RuleMismatch(str(report))
   return report
 
 
-def _vmap_error(manual, reference, case, args, primals, cot, rng) -> float:
-  """The manual VJP under ``vmap`` over two stacked examples against the twin's per example."""
-  second = tuple(_host(np.asarray(p) + 0.1 * rng.standard_normal(p.shape), p.dtype)
-                 for p in primals)
-  cot2 = random_like(rng, cot)
-  stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
-  batched = jax.tree_util.tree_map(stack, (primals, cot), (second, cot2))
-  runner = _vjp_runner(manual, case, False)
-  got = jax.jit(jax.vmap(lambda p, c: runner(args, p, c)))(*batched)
-  twin = _vjp_runner(reference, case, True)
-  want = [twin(args, p, c) for p, c in ((primals, cot), (second, cot2))]
-  want = jax.tree_util.tree_map(stack, *want)
-  return _worst(got, want)[1]
+def check_case(grid: Grid, case: Case, *, dtype=jnp.float64, rtol: float | None = None,
+               vmap: bool = True, dtypes: bool = True, seed: int = 0, raises: bool = True,
+               formulations: tuple[str, ...] = ("auto",)) -> RuleReport:
+  """The checker on one case of a grid: its arguments built in ``dtype`` (float64 by default)
+  and compared with a random cotangent.
+
+  Args:
+    grid: the :class:`Grid` (its op's manual rule and twin).
+    case: one of its cases.
+    dtype: ``jnp.float64`` (the proof) or a lower precision.
+    rtol: the largest relative error allowed; default the platform's tolerance for ``dtype``
+      (:func:`tolerances`).
+    vmap: also compare the manual VJP under ``jax.vmap``.
+    dtypes: also check that the gradients of the case's float32 arguments are float32 and
+      shaped as their arguments.
+    seed: seed of the arguments and the cotangent.
+    raises: raise :class:`RuleMismatch` on failure (else only return the report).
+    formulations: trace the manual rule in each of these (see :func:`jlayers.formulation`),
+      against one evaluation of the twin; the report holds the worst of them.
+
+  Returns:
+    A :class:`RuleReport`.
+  """
+  dtype = jnp.dtype(dtype)
+  if rtol is None:
+    rtol = tolerances().get(str(dtype), tolerances()["float32"])
+  dtype_args = case.make(np.random.default_rng(seed), jnp.float32) if dtypes else None
+  report = _compare(grid.manual, grid.reference, case, case.make, dtype,
+                    name=f"{grid.name}[{case.id}]", rtol=rtol, seed=seed, vmap=vmap,
+                    dtype_args=dtype_args, formulations=formulations)
+  if raises and not report.passed:
+    raise RuleMismatch(str(report))
+  return report
 
 
-def _dtype_problems(manual, case, args) -> tuple[str, ...]:
-  primals = tuple(args[i] for i in case.diff)
-  out, pullback = jax.vjp(restrict(manual, case, args), *primals)
-  grads = pullback(jax.tree_util.tree_map(jnp.ones_like, out))
-  problems = []
-  for i, p, g in zip(case.diff, primals, grads):
-    if g.dtype != p.dtype or g.shape != p.shape:
-      problems.append(f"gradient of argument {i} is {g.dtype}{list(g.shape)} for an argument "
-                      f"{p.dtype}{list(p.shape)}")
-  return tuple(problems)
+# ---------------------------------------------------------------------------------------------
+# Whole models.
+
+
+def grad_differences(loss_fn: Callable[..., jax.Array], params: Any, *args,
+                     **kwargs) -> dict[str, float]:
+  """Relative difference of the manual and autodiff gradients, per param leaf.
+
+  Computes ``g_m = grad(loss_fn)(params, *args, impl="manual", **kwargs)`` and ``g_a`` with
+  ``impl="autodiff"``, both in one ``jax.jit`` (``args`` are traced, ``kwargs`` are static),
+  and for every leaf the relative :func:`error` ``max|g_m − g_a| / max|g_a|``. Inside
+  ``jax.enable_x64(True)`` with float64 params and inputs the two agree to ~1e-13.
+
+  A leaf whose gradient is zero in exact arithmetic (the bias of a convolution that feeds
+  batch norm) compares rounding noise with rounding noise and reads as a large relative
+  difference; leave such redundant params out (``use_bias=False``), as is usual anyway.
+
+  Args:
+    loss_fn: ``loss_fn(params, *args, impl=..., **kwargs) -> float[]``.
+    params: pytree of float arrays, the point where the gradients are taken.
+    *args: arrays (pytrees) passed on to ``loss_fn``, e.g. state, batch, key.
+    **kwargs: static configuration passed on to ``loss_fn``.
+
+  Returns:
+    ``{jax.tree_util.keystr(path): relative difference}`` over the leaves of ``params``.
+  """
+  def both(params, *args):
+    return tuple(jax.grad(functools.partial(loss_fn, impl=impl, **kwargs))(params, *args)
+                 for impl in ("manual", "autodiff"))
+
+  manual, autodiff = jax.jit(both)(params, *args)
+  return {jax.tree_util.keystr(path): error(a, b).relative
+          for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(manual),
+                                  jax.tree_util.tree_leaves(autodiff))}
+
+
+def max_grad_difference(loss_fn: Callable[..., jax.Array], params: Any, *args,
+                        **kwargs) -> float:
+  """The worst leaf of :func:`grad_differences`: one number for a whole model.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jlayers
+    >>> model = jlayers.Sequential([jlayers.Linear(4), jlayers.ReLU(), jlayers.Linear(1)])
+    >>> params, state = model.init(jax.random.key(0), (8, 3))
+    >>> def loss(params, x, *, impl):
+    ...   return jnp.sum(model.apply(params, state, x, impl=impl)[0] ** 2)
+    >>> jlayers.max_grad_difference(loss, params, jnp.ones((8, 3))) < 1e-6
+    True
+  """
+  return max(grad_differences(loss_fn, params, *args, **kwargs).values(), default=0.0)
 
 
 def saved_residuals(fn: Callable[..., Any], *args) -> list[tuple[Any, str]]:

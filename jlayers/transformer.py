@@ -13,11 +13,8 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from jlayers import _checks
-from jlayers import _layer_base as base
-from jlayers._normalization_layers import LayerNorm
-from jlayers._parameter_free import GELU
-from jlayers._sequence_layers import Embedding, MultiHeadAttention
-from jlayers.layers import Linear
+from jlayers.layers import GELU, Embedding, LayerNorm, Linear, MultiHeadAttention
+from jlayers.layers import base
 from jlayers.models import Composite, Remat, Residual, Sequential
 
 
@@ -59,12 +56,12 @@ class TransformerLM(Composite):
   every layer; the logits come out in ``dtype`` (``None``: float32).
 
   Params: ``{"embed", "position", "block_0", ..., "norm"}`` (and ``"head"`` untied). No state.
-  Initialise with ``init(key, (B, T), dtype=jnp.int32)``.
+  Initialise with ``init(key, (B, T), input_dtype=jnp.int32)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jlayers
     >>> model = jlayers.TransformerLM(11, 8, features=16, layers=2, heads=2)
-    >>> params, _ = model.init(jax.random.key(0), (2, 8), dtype=jnp.int32)
+    >>> params, _ = model.init(jax.random.key(0), (2, 8), input_dtype=jnp.int32)
     >>> forward = jax.jit(lambda params, ids: model.apply(params, {}, ids)[0])
     >>> forward(params, jnp.zeros((2, 8), jnp.int32)).shape
     (2, 8, 11)
@@ -88,7 +85,7 @@ class TransformerLM(Composite):
     for name in ("vocab_size", "context", "features", "layers", "heads"):
       _checks.positive_int("TransformerLM", name, getattr(self, name))
     for name in ("tied", "remat"):
-      base.flag("TransformerLM", name, getattr(self, name))
+      _checks.flag("TransformerLM", name, getattr(self, name))
     base.check_dtypes(self)
 
   def _kw(self):

@@ -37,15 +37,15 @@ def collectives(hlo: str, batch: int) -> dict:
 
 
 def rel_err(got, want) -> float:
-  """The worst relative error over the leaves (``jlayers.testing.rel_err``: entries equal on
+  """The worst relative error over the leaves (``jlayers.testing.error``: entries equal on
   both sides, infinities included, agree); NaN if any leaf's is NaN."""
   import math  # noqa: PLC0415
 
   import jax  # noqa: PLC0415
 
-  from jlayers.testing import rel_err as leaf_err  # noqa: PLC0415
+  from jlayers.testing import error  # noqa: PLC0415
 
-  errors = [leaf_err(a, b)[1] for a, b in zip(jax.tree_util.tree_leaves(got),
+  errors = [error(a, b).relative for a, b in zip(jax.tree_util.tree_leaves(got),
                                                 jax.tree_util.tree_leaves(want))]
   return math.nan if any(map(math.isnan, errors)) else max(errors, default=0.0)
 
@@ -59,20 +59,21 @@ def op_rows() -> list[dict]:
 
   import jlayers  # noqa: PLC0415
   from jlayers import conv, testing  # noqa: PLC0415
-  from jlayers.registry import MESH_BATCH, OPS  # noqa: PLC0415
+  from jlayers.grids import GRIDS
+  from jlayers.testing import MESH_BATCH  # noqa: PLC0415
 
   # Two images' patches per step: each device's 3 images run as 2 chunks of 2 (one padding).
   conv._PATCH_BYTES = 11_000
   rows = []
-  for spec in OPS.values():
-    for case in spec.mesh:
+  for grid in GRIDS.values():
+    for case in grid.mesh:
       args = case.make(np.random.default_rng(0), jnp.float32)
       primals = tuple(args[i] for i in case.diff)
-      out_shape = jax.eval_shape(testing.restrict(spec.reference, case, args), *primals)
+      out_shape = jax.eval_shape(testing.restrict(grid.reference, case, args), *primals)
       cot = testing.random_like(np.random.default_rng(1), out_shape)
-      forms = ("cpu", "native") if spec.platform_dependent else ("auto",)
+      forms = ("cpu", "native") if grid.platform_dependent else ("auto",)
       for form in forms:
-        for impl, fn in (("manual", spec.manual), ("twin", spec.reference)):
+        for impl, fn in (("manual", grid.manual), ("twin", grid.reference)):
 
           def run(args, cot, fn=fn, case=case):
             out, pullback = jax.vjp(testing.restrict(fn, case, args),
@@ -82,7 +83,7 @@ def op_rows() -> list[dict]:
           with jlayers.formulation(form):
             want = jax.jit(run)(args, cot)
           for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
-            row = {"op": spec.name, "case": case.id, "formulation": form, "impl": impl,
+            row = {"op": grid.name, "case": case.id, "formulation": form, "impl": impl,
                    "mode": mode}
             mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
 
@@ -156,7 +157,7 @@ def charlm_step(batch: int = 24) -> dict:
   ex = _example("train_charlm")
   vocab, train_ids, _ = ex.load_data()
   model = ex.build_model(len(vocab), context=8, features=16, layers=1, heads=2)
-  params, _ = model.init(jax.random.key(0), (batch, 8), dtype=jnp.int32)
+  params, _ = model.init(jax.random.key(0), (batch, 8), input_dtype=jnp.int32)
   optimizer, _ = ex.make_optimizer(10)
   opt_state = optimizer.init(params)
   ids = ex.random_windows(np.random.default_rng(0), train_ids, batch, 8)

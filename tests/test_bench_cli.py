@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from jlayers import bench
-from jlayers.registry import OPS
+from jlayers.grids import GRIDS
 from jlayers.testing import Case, normal
 
 
@@ -51,14 +51,14 @@ def _small_attention_case(causal):
 
 
 def test_attention_rows_carry_the_jax_nn_peer():
-  spec = OPS["dot_product_attention"]
-  rows = [bench.bench_op(spec, _small_attention_case(causal), 1, 1, 1) for causal in (False, True)]
+  grid = GRIDS["dot_product_attention"]
+  rows = [bench.bench_op(grid, _small_attention_case(causal), 1, 1, 1) for causal in (False, True)]
   for row in rows:
     assert row["peer"] == "jax.nn.dot_product_attention"
     assert row["peer_ms"] > 0 and row["peer_temp"] > 0
     assert row["peer_time_ratio"] == row["manual_ms"] / row["peer_ms"]
     assert row["peer_temp_ratio"] == row["manual_temp"] / row["peer_temp"]
-  relu = bench.bench_op(OPS["relu"], OPS["relu"].cases[0], 1, 1, 1)
+  relu = bench.bench_op(GRIDS["relu"], GRIDS["relu"].cases[0], 1, 1, 1)
   assert "peer" not in relu  # only ops in OP_PEERS get the extra implementation
   out = io.StringIO()
   bench.print_tables({"machine": bench.machine(), "steps": 1, "warmup": 1, "rounds": 1,

@@ -7,16 +7,18 @@ import json
 import jax
 import jax.numpy as jnp
 
-from jlayers import check, registry
+import jlayers
+from jlayers import check
+from jlayers.grids import GRIDS
 
 
 def test_fast_subset_passes_for_every_op():
   out = io.StringIO()
   assert check.run(max_cases=1, out=out) == 0
   text = out.getvalue()
-  for name in registry.OPS:
+  for name in GRIDS:
     assert f"| {name} |" in text
-  assert f"{len(registry.OPS)} cases, {len(registry.OPS)} passed, 0 failed" in text
+  assert f"{len(GRIDS)} cases, {len(GRIDS)} passed, 0 failed" in text
 
 
 @jax.custom_vjp
@@ -29,8 +31,9 @@ _relu_wrong_rule.defvjp(lambda x: (jnp.maximum(x, 0), x),
 
 
 def test_a_wrong_backward_fails_and_sets_the_exit_status(monkeypatch):
-  spec = dataclasses.replace(registry.OPS["relu"], manual=_relu_wrong_rule)
-  monkeypatch.setitem(registry.OPS, "relu", spec)
+  grid = dataclasses.replace(GRIDS["relu"],
+                             op=jlayers.Op("relu", _relu_wrong_rule, jlayers.reference.relu))
+  monkeypatch.setitem(GRIDS, "relu", grid)
   out = io.StringIO()
   assert check.run(["relu"], max_cases=2, out=out, as_json=True) == 2
   report = json.loads(out.getvalue())

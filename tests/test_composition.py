@@ -198,9 +198,9 @@ def resnet(dtype=None):
 @pytest.fixture(scope="module")
 def digits():
   path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-  spec = importlib.util.spec_from_file_location("train_digits", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  grid = importlib.util.spec_from_file_location("train_digits", path)
+  module = importlib.util.module_from_spec(grid)
+  grid.loader.exec_module(module)
   return module.load_data(0)
 
 

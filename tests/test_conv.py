@@ -9,7 +9,7 @@ import pytest
 from jax import lax
 
 import jlayers
-from jlayers import conv, testing
+from jlayers import _conv_cpu, conv, testing
 from jlayers.conv import conv2d, conv2d_reference
 
 X3 = np.arange(1.0, 10.0).reshape(3, 3)  # [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -125,10 +125,11 @@ def test_each_dw_evaluation_equals_autodiff(monkeypatch, path, kw):
   groups = kw.get("groups", 1)
   chunk = {"native": 3, "conv-fallback": 0, "patches-chunk1": 1, "patches-chunk2": 2,
            "patches-whole-batch": 3}[path]
-  evaluation = conv._dw_patches if path.startswith("patches") else conv._dw_conv
+  module = _conv_cpu if path.startswith("patches") else conv
+  evaluation = _conv_cpu.weight_grad if path.startswith("patches") else conv._dw_conv
   used = []
-  monkeypatch.setattr(conv, "_chunk", lambda *_: chunk)
-  monkeypatch.setattr(conv, evaluation.__name__,
+  monkeypatch.setattr(_conv_cpu, "loop_chunk", lambda *_: chunk)
+  monkeypatch.setattr(module, evaluation.__name__,
                       lambda *a, **k: used.append(k.get("chunk")) or evaluation(*a, **k))
   rng = np.random.default_rng(5)
   with jax.enable_x64(True), jlayers.formulation("native" if path == "native" else "cpu"):
@@ -155,7 +156,7 @@ def test_each_dw_evaluation_equals_autodiff(monkeypatch, path, kw):
     (0, 100, 0, 0),  # empty batch: the convolution
 ])
 def test_dw_chunk_size(batch, per_image, x_bytes, chunk):
-  assert conv._chunk(batch, per_image, x_bytes) == chunk
+  assert _conv_cpu._images_per_step(batch, per_image, x_bytes) == chunk
 
 
 _X, _W = np.ones((2, 5, 5, 4), np.float32), np.ones((3, 3, 4, 6), np.float32)

@@ -11,7 +11,7 @@ from helpers import raises_eager_and_jit
 
 import jlayers
 from jlayers import testing
-from jlayers.registry import OPS
+from jlayers.grids import GRIDS
 
 BOTH = pytest.mark.parametrize("fn", [jlayers.embedding, jlayers.reference.embedding],
                                ids=["manual", "twin"])
@@ -117,8 +117,8 @@ def test_half_precision_outputs_are_exact_and_gradients_within_bound(dtype):
   """What the generic half-precision test measures, with the output's dtype compared to the
   table's (argument 1, not 0): the lookup is exact, and the gradient is within
   ``half_precision`` epsilons of the float64 twin."""
-  spec, half = OPS["embedding"], jnp.dtype(dtype)
-  for case in spec.representative_cases:
+  grid, half = GRIDS["embedding"], jnp.dtype(dtype)
+  for case in grid.representative_cases:
     rng = np.random.default_rng(6)
     ids, table = case.make(rng, half)
     cot = jnp.asarray(rng.standard_normal(ids.shape + table.shape[1:]), half)
@@ -129,8 +129,8 @@ def test_half_precision_outputs_are_exact_and_gradients_within_bound(dtype):
       t64, c64 = table.astype(jnp.float64), cot.astype(jnp.float64)
       out64, pull64 = jax.vjp(lambda t: jlayers.reference.embedding(ids, t), t64)
       np.testing.assert_array_equal(out.astype(jnp.float64), out64)
-      err = testing.rel_err(g, pull64(c64)[0])[1]
-    assert err <= spec.half_precision * float(jnp.finfo(half).eps), (case.id, err)
+      err = testing.error(g, pull64(c64)[0]).relative
+    assert err <= grid.half_precision * float(jnp.finfo(half).eps), (case.id, err)
 
 
 def test_only_the_ids_are_saved():

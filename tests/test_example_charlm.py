@@ -86,6 +86,6 @@ def test_generation_reads_the_last_context_characters(example):
   """Once the text is longer than the context, only the last characters enter the model."""
   vocab, train, _ = example.load_data()
   model = example.build_model(len(vocab), **TINY)
-  params, _ = model.init(jax.random.key(0), (1, 16), dtype=jnp.int32)
+  params, _ = model.init(jax.random.key(0), (1, 16), input_dtype=jnp.int32)
   text = example.generate(model, params, vocab, "x" * 40, 5, jax.random.key(1))
   assert len(text) == 45 and text.startswith("x" * 40)

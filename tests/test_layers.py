@@ -80,7 +80,7 @@ def test_param_dtype_and_half_precision_input():
   params, _ = L.Conv2d(2, 3, param_dtype=jnp.bfloat16).init(KEY, (1, 4, 4, 1))
   assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   bn = L.BatchNorm(param_dtype=jnp.bfloat16)
-  params, state = bn.init(KEY, (2, 3), dtype=jnp.bfloat16)
+  params, state = bn.init(KEY, (2, 3), input_dtype=jnp.bfloat16)
   assert {a.dtype for a in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   assert {a.dtype for a in jax.tree_util.tree_leaves(state)} == {jnp.dtype(jnp.float32)}
   x = _normal(7, (2, 3)).astype(jnp.bfloat16)

@@ -11,9 +11,9 @@ import optax
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
-from jlayers.loss import (softmax_cross_entropy, softmax_cross_entropy_reference,
-                          softmax_cross_entropy_with_integer_labels,
+from jlayers.loss import (softmax_cross_entropy_with_integer_labels,
                           softmax_cross_entropy_with_integer_labels_reference)
+from jlayers.loss_soft_labels import softmax_cross_entropy, softmax_cross_entropy_reference
 
 INT = pytest.mark.parametrize(
     "fn", [softmax_cross_entropy_with_integer_labels,

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from jlayers.registry import OPS
+from jlayers.grids import GRIDS
 
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
 REL_TOL = 1e-5
@@ -35,15 +35,15 @@ def _section(report, name):
   return section
 
 
-ROWS = [pytest.param(spec.name, case.id, form, impl, mode,
-                     id=f"{spec.name}-{case.id}-{form}-{impl}-{mode}")
-        for spec in OPS.values() for case in spec.mesh
-        for form in (("cpu", "native") if spec.platform_dependent else ("auto",))
+ROWS = [pytest.param(grid.name, case.id, form, impl, mode,
+                     id=f"{grid.name}-{case.id}-{form}-{impl}-{mode}")
+        for grid in GRIDS.values() for case in grid.mesh
+        for form in (("cpu", "native") if grid.platform_dependent else ("auto",))
         for impl in ("manual", "twin") for mode in ("explicit", "auto")]
 
 
 def test_every_op_has_mesh_cases():
-  assert all(spec.mesh for spec in OPS.values())
+  assert all(grid.mesh for grid in GRIDS.values())
 
 
 @pytest.mark.parametrize("op, case, form, impl, mode", ROWS)

@@ -2,6 +2,7 @@
 model-level manual-versus-autodiff gradient check."""
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -9,11 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from jlayers import _impl
+import jlayers
 from jlayers import layers as L
 from jlayers.activation import relu_reference
-from jlayers.models import Sequential, grad_differences, max_grad_difference
-from jlayers.registry import OPS
+from jlayers.layers import stateless
+from jlayers.models import Sequential
+from jlayers.testing import grad_differences, max_grad_difference
 
 KEY = jax.random.key(0)
 IN_SHAPE = (4, 6, 6, 2)
@@ -37,7 +39,7 @@ def _batch(dtype=jnp.float32):
 
 def _loss(model, params, state, x, labels, key, *, impl):
   logits, _ = model.apply(params, state, x, key=key, train=True, impl=impl)
-  return jnp.mean(OPS["softmax_cross_entropy_with_integer_labels"].reference(logits, labels))
+  return jnp.mean(jlayers.reference.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
 def _has_custom_vjp(fn, *args):
@@ -52,7 +54,12 @@ def _wrong_relu(monkeypatch):
     return jnp.maximum(x, 0)
 
   bad.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, g: (g,))
-  monkeypatch.setitem(_impl._TABLE, "relu", _impl.Entry(bad, relu_reference))
+  _swap_relu(monkeypatch, bad)
+
+
+def _swap_relu(monkeypatch, manual):
+  """The ReLU layer runs ``manual`` as its rule (the op it imports, swapped in its module)."""
+  monkeypatch.setattr(stateless, "relu_op", jlayers.Op("relu", manual, relu_reference))
 
 
 # --- structure -----------------------------------------------------------------------------------
@@ -99,8 +106,12 @@ def test_bad_models_and_params_raise():
     Sequential(L.ReLU())
   model = Sequential([L.Linear(2)])
   params, state = model.init(KEY, (1, 3))
-  with pytest.raises(ValueError, match=r"params has entries \['linear_1'\] that match no layer"):
+  with pytest.raises(KeyError, match=r"Sequential: params has no entry 'linear_0' for child "
+                                    r"'linear_0' \(it has \['linear_1'\]\)"):
     model.apply({"linear_1": params["linear_0"]}, state, jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"Sequential: params has entries \['linear_1'\] that "
+                                      r"match no child \(children: \['linear_0'\]\)"):
+    model.apply({**params, "linear_1": params["linear_0"]}, state, jnp.ones((1, 3)))
   with pytest.raises(ValueError, match="impl must be 'manual' or 'autodiff'"):
     model.apply(params, state, jnp.ones((1, 3)), impl="reference")
   with pytest.raises(ValueError, match="linear: x's last dimension must equal w's first"):
@@ -120,7 +131,7 @@ def test_optax_adam_steps_reduce_the_loss():
   def step(params, state, opt_state, key):
     def loss_fn(p):
       logits, new_state = model.apply(p, state, x, key=key, train=True)
-      xent = OPS["softmax_cross_entropy_with_integer_labels"].manual
+      xent = jlayers.softmax_cross_entropy_with_integer_labels
       return jnp.mean(xent(logits, labels)), new_state
     (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     # optax's bias correction mixes int32 and float, which the suite's strict mode rejects.
@@ -143,8 +154,11 @@ def test_each_dropout_layer_gets_its_own_key():
   model = Sequential([L.Dropout(0.5), L.ReLU(), L.Dropout(0.5)])
   x = jnp.ones((1, 400))
   y, _ = model.apply({}, {}, x, key=KEY, train=True)
-  first, _ = L.Dropout(0.5).apply({}, {}, x, key=jax.random.fold_in(KEY, 0), train=True)
-  second, _ = L.Dropout(0.5).apply({}, {}, x, key=jax.random.fold_in(KEY, 2), train=True)
+  # Child keys are folded from the children's names, as in every Composite.
+  keys = [jax.random.fold_in(KEY, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+          for name in ("dropout_0", "dropout_2")]
+  first, _ = L.Dropout(0.5).apply({}, {}, x, key=keys[0], train=True)
+  second, _ = L.Dropout(0.5).apply({}, {}, x, key=keys[1], train=True)
   np.testing.assert_array_equal(y, first * second)
   assert not np.array_equal(first, second)
   # One shared mask would keep half of the entries; two independent ones keep a quarter.
@@ -174,8 +188,7 @@ def test_jaxpr_of_manual_has_custom_vjp_and_autodiff_has_none():
 
 def test_switching_impl_on_one_jitted_function(monkeypatch):
   # A distinguishable manual relu (double the output) makes each impl's result recognisable.
-  monkeypatch.setitem(_impl._TABLE, "relu",
-                      _impl.Entry(lambda x: 2 * relu_reference(x), relu_reference))
+  _swap_relu(monkeypatch, lambda x: 2 * relu_reference(x))
   model = Sequential([L.Linear(3), L.ReLU()])
   params, state = model.init(KEY, (2, 4))
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4)), jnp.float32)
@@ -216,7 +229,7 @@ def _cnn_grad_differences():
   model = _cnn()
   with jax.enable_x64(True):
     params, state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                           model.init(KEY, IN_SHAPE, dtype=jnp.float64))
+                                           model.init(KEY, IN_SHAPE, input_dtype=jnp.float64))
     x, labels = _batch(jnp.float64)
     return grad_differences(functools.partial(_loss, model), params, state, x, labels, KEY)
 

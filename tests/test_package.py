@@ -9,31 +9,38 @@ import pytest
 
 import jlayers
 from jlayers import reference
-from jlayers.registry import OPS
+from jlayers.grids import GRIDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_every_registered_op_is_exported_with_its_twin():
-  for name, spec in OPS.items():
-    assert getattr(jlayers, name) is spec.manual
-    assert getattr(reference, name) is spec.reference
-    assert inspect.signature(spec.manual) == inspect.signature(spec.reference), name
-  assert set(reference.__all__) == set(OPS)
+def test_every_declared_op_is_exported_with_its_twin_and_its_grid():
+  ops = jlayers.registered_ops()
+  assert list(GRIDS) == list(ops)  # every op has a grid, in the order the ops are declared
+  for name, grid in GRIDS.items():
+    assert grid.op is ops[name]
+    module = inspect.getmodule(grid.manual)
+    assert getattr(module, f"{name}_op") is grid.op, f"{module.__name__} declares {name}_op"
+    assert getattr(jlayers, name) is grid.manual and name in jlayers.__all__
+    assert getattr(reference, name) is grid.reference
+    assert inspect.signature(grid.manual) == inspect.signature(grid.reference), name
+  assert reference.__all__ == sorted(GRIDS) and dir(reference) == sorted(GRIDS)
+  with pytest.raises(AttributeError, match="has no twin 'nosuchop'"):
+    reference.nosuchop  # noqa: B018
   for name in jlayers.__all__:
     assert hasattr(jlayers, name), name
 
 
 def test_public_functions_document_shapes_and_dtypes():
-  for name, spec in OPS.items():
-    doc = inspect.getdoc(spec.manual)
+  for name, grid in GRIDS.items():
+    doc = inspect.getdoc(grid.manual)
     assert "Args:" in doc and "Returns:" in doc, name
     assert re.search(r"float\[", doc), f"{name}: no shapes in the docstring"
     assert "Examples:" in doc, name
 
 
 def test_every_backward_rule_writes_out_its_derivation():
-  for module in {inspect.getmodule(spec.manual) for spec in OPS.values()}:
+  for module in {inspect.getmodule(grid.manual) for grid in GRIDS.values()}:
     bwd_rules = [f for n, f in vars(module).items() if n.endswith("_bwd") and callable(f)]
     assert bwd_rules, module.__name__
     for f in bwd_rules:
@@ -72,15 +79,33 @@ def test_readme_python_blocks_run():
   try:
     exec(compile(own_op, "README.md", "exec"), namespace)  # noqa: S102
   finally:
-    jlayers._impl._TABLE.pop("softsign", None)
+    if "softsign" in jlayers.registered_ops():
+      jlayers.unregister_op("softsign")
   assert namespace["report"].passed
 
 
-def test_the_op_table_holds_every_registry_op():
-  """Layers look ops up in the table; the tests and CLIs iterate the registry: they agree."""
-  table = jlayers.registered_ops()
-  for name, spec in OPS.items():
-    assert table[name] == (spec.manual, spec.reference), name
+def test_layers_import_the_ops_they_run_and_look_nothing_up_by_name():
+  """A reader follows a layer's input into its op's module by an import: no layer module calls
+  the table (``jlayers.op``) or names an op by a string."""
+  for path in (ROOT / "jlayers" / "layers").glob("*.py"):
+    text = path.read_text()
+    assert "_ops" not in text and "registered_ops" not in text, path.name
+    assert not re.search(r"\bop\(\s*[\"']", text), f"{path.name} looks an op up by name"
+  assert "from jlayers.linear import linear_op" in (ROOT / "jlayers" / "layers" /
+                                                    "dense.py").read_text()
+
+
+def test_op_modules_read_top_to_bottom_and_stay_short():
+  """Every op module: no more than about 350 lines, and no private name imported from another
+  op module (shared helpers live in the private ``_*`` modules)."""
+  op_modules = {inspect.getmodule(grid.manual) for grid in GRIDS.values()}
+  names = {m.__name__.rsplit(".", 1)[1] for m in op_modules}
+  for module in op_modules:
+    text = pathlib.Path(module.__file__).read_text()
+    assert len(text.splitlines()) <= 360, module.__name__
+    for other in names:
+      assert not re.search(rf"from jlayers\.{other} import .*\b_\w", text), (
+          f"{module.__name__} imports a private name of jlayers.{other}")
 
 
 def test_saved_residuals_is_the_one_private_import_and_fails_clearly(monkeypatch):

@@ -100,7 +100,7 @@ def test_embedding_apply_attend_and_tied_gradients():
 def test_embedding_casts_the_looked_up_rows_and_starts_a_sequential():
   layer = L.Embedding(5, 3, dtype=jnp.bfloat16)
   model = jlayers.Sequential([layer, L.LayerNorm(), L.Linear(2)])
-  params, _ = model.init(jax.random.key(0), (2, 4), dtype=jnp.int32)
+  params, _ = model.init(jax.random.key(0), (2, 4), input_dtype=jnp.int32)
   assert params["embedding_0"]["embedding"].dtype == jnp.float32
   y, _ = model.apply(params, {}, jnp.zeros((2, 4), jnp.int32))
   assert y.shape == (2, 4, 2) and y.dtype == jnp.bfloat16

@@ -9,12 +9,12 @@ import pytest
 import jlayers
 from jlayers import layers as L
 from jlayers import testing
-from jlayers.registry import OPS
+from jlayers.grids import GRIDS
 
-FIRST = [pytest.param(spec, spec.representative_cases[0], id=spec.name) for spec in OPS.values()]
+FIRST = [pytest.param(grid, grid.representative_cases[0], id=grid.name) for grid in GRIDS.values()]
 
 
-def _args(spec, case, dtype=jnp.float32, seed=0):
+def _args(grid, case, dtype=jnp.float32, seed=0):
   args = case.make(np.random.default_rng(seed), dtype)
   return args, tuple(args[i] for i in case.diff)
 
@@ -33,13 +33,13 @@ def _scalar(fn, case, args):
 
 # --- forward mode ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec, case", FIRST)
-def test_forward_mode_raises_for_the_rule_and_works_for_the_twin(spec, case):
+@pytest.mark.parametrize("grid, case", FIRST)
+def test_forward_mode_raises_for_the_rule_and_works_for_the_twin(grid, case):
   """``jax.jvp`` / ``jacfwd`` of a custom_vjp rule raise (JAX has no forward mode for it); the
   twin, i.e. ``impl="autodiff"``, supports forward mode."""
-  args, primals = _args(spec, case)
+  args, primals = _args(grid, case)
   tangents = tuple(jnp.ones_like(p) for p in primals)
-  manual, twin = (testing.restrict(fn, case, args) for fn in (spec.manual, spec.reference))
+  manual, twin = (testing.restrict(fn, case, args) for fn in (grid.manual, grid.reference))
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
     jax.jvp(manual, primals, tangents)
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
@@ -48,12 +48,12 @@ def test_forward_mode_raises_for_the_rule_and_works_for_the_twin(spec, case):
   assert jax.tree_util.tree_leaves(out)
 
 
-@pytest.mark.parametrize("spec, case", FIRST)
-def test_hessian_forward_over_reverse_equals_the_twins(spec, case):
+@pytest.mark.parametrize("grid, case", FIRST)
+def test_hessian_forward_over_reverse_equals_the_twins(grid, case):
   with jax.enable_x64(True):
-    args, primals = _args(spec, case, jnp.float64)
+    args, primals = _args(grid, case, jnp.float64)
     hess = lambda fn: jax.jit(jax.hessian(_scalar(fn, case, args)))(*primals[:1])  # noqa: E731
-    assert testing.rel_err(hess(spec.manual), hess(spec.reference))[1] <= 1e-9
+    assert testing.error(hess(grid.manual), hess(grid.reference)).relative <= 1e-9
 
 
 def test_a_model_on_the_twins_supports_forward_mode():
@@ -70,10 +70,10 @@ def test_a_model_on_the_twins_supports_forward_mode():
 # --- remat and scan ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", [None, "nothing_saveable", "dots_saveable"])
-@pytest.mark.parametrize("spec, case", FIRST)
-def test_checkpoint_leaves_gradients_unchanged(spec, case, policy):
-  args, primals = _args(spec, case)
-  loss = _scalar(spec.manual, case, args)
+@pytest.mark.parametrize("grid, case", FIRST)
+def test_checkpoint_leaves_gradients_unchanged(grid, case, policy):
+  args, primals = _args(grid, case)
+  loss = _scalar(grid.manual, case, args)
   policy_fn = None if policy is None else getattr(jax.checkpoint_policies, policy)
   plain = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
   remat = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy_fn),
@@ -82,13 +82,13 @@ def test_checkpoint_leaves_gradients_unchanged(spec, case, policy):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec, case", FIRST)
-def test_the_op_inside_lax_scan(spec, case):
+@pytest.mark.parametrize("grid, case", FIRST)
+def test_the_op_inside_lax_scan(grid, case):
   """Scanning the op over two stacked sets of differentiable inputs (the others fixed) gives
   each set's result and gradient."""
-  (args, first), (_, second) = (_args(spec, case, seed=s) for s in (0, 1))
+  (args, first), (_, second) = (_args(grid, case, seed=s) for s in (0, 1))
   stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), first, second)
-  loss = _scalar(spec.manual, case, args)
+  loss = _scalar(grid.manual, case, args)
 
   def scanned(stacked):
     def body(total, primals):
@@ -167,7 +167,7 @@ def test_synchronised_batch_norm_with_a_scale_per_device(grad_outside):
 
     got, want = grads(jlayers.batch_norm), grads(jlayers.reference.batch_norm)
     for a, b in zip(got, want):
-      assert testing.rel_err(a, b)[1] < 1e-12
+      assert testing.error(a, b).relative < 1e-12
 
 
 # --- dropout -----------------------------------------------------------------------------------

@@ -47,13 +47,13 @@ def softsign_registered():
   def register(scale):
     jlayers.register_op("softsign", _softsign_rule(scale), _softsign_reference, replace=True)
   yield register
-  jlayers._impl._TABLE.pop("softsign", None)
+  jlayers.unregister_op("softsign")
 
 
 def _model_difference():
   model = jlayers.Sequential([jlayers.Linear(4), Softsign(), jlayers.Linear(1)])
   with jax.enable_x64(True):
-    params, state = model.init(KEY, (5, 3), dtype=jnp.float64)
+    params, state = model.init(KEY, (5, 3), input_dtype=jnp.float64)
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     x = jax.random.normal(KEY, (5, 3), jnp.float64)
 
@@ -72,8 +72,16 @@ def test_a_users_op_follows_impl_and_max_grad_difference_sees_it(softsign_regist
 
 
 def test_register_op_refuses_to_overwrite_and_bad_arguments():
-  with pytest.raises(ValueError, match="an op named 'relu' is registered already"):
-    jlayers.register_op("relu", _softsign_rule(1.0), _softsign_reference)
+  with pytest.raises(ValueError, match="'relu' is one of jlayers' own ops"):
+    jlayers.register_op("relu", _softsign_rule(1.0), _softsign_reference, replace=True)
+  jlayers.register_op("twice", _softsign_rule(1.0), _softsign_reference)
+  try:
+    with pytest.raises(ValueError, match="an op named 'twice' is registered already"):
+      jlayers.register_op("twice", _softsign_rule(2.0), _softsign_reference)
+  finally:
+    jlayers.unregister_op("twice")
+  with pytest.raises(KeyError, match="no op of yours is registered as 'twice'"):
+    jlayers.unregister_op("twice")
   with pytest.raises(TypeError, match="register_op: name must be a non-empty string"):
     jlayers.register_op("", _softsign_rule(1.0), _softsign_reference)
   with pytest.raises(TypeError, match="register_op: reference must be callable, got int"):
@@ -85,8 +93,10 @@ def test_register_op_refuses_to_overwrite_and_bad_arguments():
 def test_check_rule_passes_a_right_rule_with_errors_per_argument():
   x = jnp.linspace(-2.0, 2.0, 9)
   report = testing.check_rule(_softsign_rule(1.0), _softsign_reference, x)
-  assert report.passed and set(report.grads) == {0}
-  assert report.forward == 0.0 and report.grads[0] < 1e-14 and report.vmap < 1e-14
+  assert report.passed and set(report.grads) == {0} and report.dtype == "float64"
+  assert report.forward == (0.0, 0.0)
+  assert report.grads[0].relative < 1e-14 and report.grads[0].absolute < 1e-14
+  assert report.vmap.relative < 1e-14
 
 
 def test_check_rule_raises_on_a_wrong_rule_naming_the_argument():
@@ -94,7 +104,7 @@ def test_check_rule_raises_on_a_wrong_rule_naming_the_argument():
   with pytest.raises(testing.RuleMismatch, match=r"FAILED .* grad of argument 0 1\.0\de-03"):
     testing.check_rule(_softsign_rule(1.001), _softsign_reference, x)
   report = testing.check_rule(_softsign_rule(1.001), _softsign_reference, x, raises=False)
-  assert not report.passed and 9e-4 < report.grads[0] < 1.1e-3
+  assert not report.passed and 9e-4 < report.grads[0].relative < 1.1e-3
 
 
 def test_check_rule_catches_a_gradient_of_the_wrong_dtype():
@@ -112,7 +122,8 @@ def test_check_rule_catches_a_gradient_of_the_wrong_dtype():
 
 USER_MODULE = textwrap.dedent("""
     import jax, jax.numpy as jnp
-    from jlayers.testing import Case, OpSpec, normal
+    import jlayers
+    from jlayers.testing import Case, Grid, normal
 
     def reference(x):
       return x / (1 + jnp.abs(x))
@@ -124,8 +135,8 @@ USER_MODULE = textwrap.dedent("""
     softsign.defvjp(lambda x: (reference(x), x),
                     lambda x, g: (SCALE * g / (1 + jnp.abs(x)) ** 2,))
 
-    SPECS = [OpSpec("softsign", softsign, reference,
-                    (Case("3x4", lambda rng, dtype: (normal(rng, (3, 4), dtype),)),))]
+    GRIDS = [Grid(jlayers.Op("softsign", softsign, reference),
+                  (Case("3x4", lambda rng, dtype: (normal(rng, (3, 4), dtype),)),))]
 """)
 
 
@@ -139,7 +150,22 @@ def test_check_cli_runs_a_users_module(tmp_path, monkeypatch, capsys, scale, sta
 
 def test_importing_jlayers_imports_no_grid_and_no_bench_peer():
   code = ("import sys, jlayers; print(sorted(m for m in sys.modules if m.startswith("
-          "('jlayers.registry', 'jlayers._cases', 'flax', 'torch'))))")
+          "('jlayers.grids', 'flax', 'torch'))))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}).stdout
   assert out.strip() == "[]"
+
+
+def test_registering_an_op_never_changes_what_a_built_in_layer_runs(softsign_registered):
+  layer = jlayers.ReLU()
+  x = jnp.linspace(-1.0, 1.0, 5)
+  before = str(jax.make_jaxpr(lambda x: layer.apply({}, {}, x)[0])(x))
+  softsign_registered(2.0)
+  table = jlayers.registered_ops()
+  table["relu"] = table["softsign"]  # the copy a user may edit is not the table
+  with pytest.raises(ValueError, match="'relu' is one of jlayers' own ops"):
+    jlayers.register_op("relu", _softsign_rule(2.0), _softsign_reference)
+  after = str(jax.make_jaxpr(lambda x: layer.apply({}, {}, x)[0])(x))
+  assert after == before and "custom_vjp_call" in after
+  assert jlayers.op("relu") is jlayers.relu and jlayers.registered_ops()["relu"].manual is (
+      jlayers.relu)

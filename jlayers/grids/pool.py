@@ -15,8 +15,8 @@ import itertools
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers.pool import avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.pool import avg_pool2d_op, max_pool2d_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 _C = 3
 _WINDOWS = (("w2", 2), ("w3", 3), ("w2x3", (2, 3)))
@@ -106,9 +106,9 @@ def _bench(draw):
                dict(window=28)))
 
 
-SPECS = [
-    OpSpec(
-        "max_pool2d", max_pool2d, max_pool2d_reference,
+GRIDS = [
+    Grid(
+        max_pool2d_op,
         (*_grid(distinct), *_ceil_and_dilated(distinct, dilated=True)),
         representative=("w3-s1-same-nchw-6x7", "w2x3-sw-asym-nhwc-7x5",
                         "w2x3-sw-asym-nhwc-7x8-d3x2-ceil"),
@@ -117,8 +117,8 @@ SPECS = [
               _case(distinct, *_DILATED[-1][:-1], batch=MESH_BATCH, **_DILATED[-1][-1])),
         platform_dependent=True,
     ),
-    OpSpec(
-        "avg_pool2d", avg_pool2d, avg_pool2d_reference,
+    Grid(
+        avg_pool2d_op,
         (*_grid(normal),
          *(_case(normal, *c, count_include_pad=False) for c in _NO_PAD_COUNT),
          *_ceil_and_dilated(normal, dilated=False),

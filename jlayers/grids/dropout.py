@@ -5,8 +5,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 
-from jlayers.dropout import dropout, dropout_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.dropout import dropout_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 _SHAPES = ((8,), (3, 5), (2, 4, 4, 3))
 _RATES = (0.0, 0.1, 0.5, 0.9, "array")
@@ -25,9 +25,9 @@ def _case(shape, rate, dims, raw_key):
   return Case(ident, make, kwargs)
 
 
-SPECS = [
-    OpSpec(
-        "dropout", dropout, dropout_reference,
+GRIDS = [
+    Grid(
+        dropout_op,
         tuple(_case(shape, rate, dims, raw)
               for shape, rate, raw in itertools.product(_SHAPES, _RATES, (False, True))
               for dims in _BROADCAST[len(shape)]

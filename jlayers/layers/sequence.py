@@ -1,4 +1,4 @@
-"""Token embedding and multi-head attention layers (re-exported by :mod:`jlayers.layers`)."""
+"""Sequence layers: token :class:`Embedding` and :class:`MultiHeadAttention`."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from jlayers import _checks
-from jlayers import _impl
-from jlayers import _layer_base as base
-from jlayers._layer_base import Layer
+from jlayers.attention import dot_product_attention_op
+from jlayers.embedding import embedding_op
+from jlayers.layers import base
+from jlayers.layers.base import Initializer, Layer
+from jlayers.linear import linear_op
 
-Initializer = Any
 default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 """Flax's embedding initialiser: unit-variance rows."""
 
@@ -27,7 +28,7 @@ class Embedding(Layer):
 
   Params: ``{"embedding": float[num_embeddings, features]}`` in ``param_dtype``; no state.
   ``apply(params, state, ids)`` takes integer ids of any shape (``init``'s ``input_shape`` is
-  theirs; pass ``dtype=jnp.int32`` when the layer starts a :class:`jlayers.Sequential`) and
+  theirs; pass ``input_dtype=jnp.int32`` when the layer starts a :class:`jlayers.Sequential`) and
   returns ``float[*ids.shape, features]``; ids outside ``[0, num_embeddings)`` give NaN rows.
   With ``dtype`` set, the looked-up rows are cast to it (the table stays in ``param_dtype``).
   """
@@ -44,24 +45,24 @@ class Embedding(Layer):
     _checks.positive_int("Embedding", "num_embeddings", self.num_embeddings)
     _checks.positive_int("Embedding", "features", self.features)
     base.check_dtypes(self)
-    base.initializer("Embedding", "embedding_init", self.embedding_init)
+    _checks.initializer("Embedding", "embedding_init", self.embedding_init)
 
-  def init(self, key, input_shape, *, dtype=jnp.int32):
-    base.shape_of("Embedding", input_shape)
+  def init(self, key, input_shape, *, input_dtype=jnp.int32):
+    _checks.shape_of("Embedding", input_shape)
     return {"embedding": self.embedding_init(key, (self.num_embeddings, self.features),
                                              self.param_dtype)}, {}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("Embedding", train, impl)
+    _checks.static_call("Embedding", train, impl)
     (table,) = base.entries(self, params, "params", ("embedding",))
-    y = _impl.op("embedding", impl)(x, table)
+    y = embedding_op.select(impl)(x, table)
     return (y if self.dtype is None else y.astype(self.dtype)), state
 
   def attend(self, params, x, *, impl: str = "manual") -> jax.Array:
     """Scores ``x: float[..., features]`` against every row: ``x @ embeddingᵀ``, through
     :func:`jlayers.linear` (in ``dtype``, or ``x``'s); returns ``float[..., num_embeddings]``
     (the output logits of a model whose input and output embeddings are tied)."""
-    _impl.check(impl, "Embedding.attend")
+    _checks.impl("Embedding.attend", impl)
     (table,) = base.entries(self, params, "params", ("embedding",))
     x = base.compute_dtype(self, x)
     if x.ndim < 1 or x.shape[-1] != self.features:
@@ -70,7 +71,7 @@ class Embedding(Layer):
     # The barrier keeps XLA from folding the transpose into the weight gradient's product:
     # XLA:CPU (jaxlib 0.10.2) cannot run a bfloat16 product with both operands transposed and
     # a float32 result ("Unsupported element type for DotThunk"), which that fold creates.
-    return _impl.op("linear", impl)(x, jax.lax.optimization_barrier(table.T))
+    return linear_op.select(impl)(x, jax.lax.optimization_barrier(table.T))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +125,12 @@ class MultiHeadAttention(Layer):
     if self.num_heads % self.kv_heads:
       raise ValueError(f"{where}: num_kv_heads={self.kv_heads} must divide "
                        f"num_heads={self.num_heads}")
-    base.flag(where, "causal", self.causal)
-    base.flag(where, "use_bias", self.use_bias)
+    _checks.flag(where, "causal", self.causal)
+    _checks.flag(where, "use_bias", self.use_bias)
     base.check_dtypes(self)
     base.set_field(self, "precision", _checks.precision(where, self.precision))
-    base.initializer(where, "kernel_init", self.kernel_init)
-    base.initializer(where, "bias_init", self.bias_init)
+    _checks.initializer(where, "kernel_init", self.kernel_init)
+    _checks.initializer(where, "bias_init", self.bias_init)
 
   @property
   def kv_heads(self) -> int:
@@ -146,8 +147,8 @@ class MultiHeadAttention(Layer):
             "value": (kv_in, self.kv_heads * head),
             "out": (self.num_heads * head, self.out_features or features)}
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
-    shape = base.shape_of("MultiHeadAttention", input_shape, rank=3)
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    shape = _checks.shape_of("MultiHeadAttention", input_shape, rank=3)
     params = {}
     for k, (name, (n_in, n_out)) in zip(jax.random.split(key, 4),
                                         self._sizes(shape[-1]).items()):
@@ -162,12 +163,12 @@ class MultiHeadAttention(Layer):
     if not isinstance(params, dict) or name not in params:
       base.entries(self, params, "params", ("query", "key", "value", "out"))
     weights = base.entries(self, params[name], f"params[{name!r}]", names)
-    return _impl.op("linear", impl)(x, *weights, precision=self.precision)
+    return linear_op.select(impl)(x, *weights, precision=self.precision)
 
   def apply(self, params, state, x, *, inputs_kv=None, mask=None, key=None, train=False,
             impl="manual"):
     where = "MultiHeadAttention"
-    base.check_call(where, train, impl)
+    _checks.static_call(where, train, impl)
     x = base.compute_dtype(self, x)
     kv = x if inputs_kv is None else base.compute_dtype(self, inputs_kv)
     for name, a in (("x", x), ("inputs_kv", kv)):
@@ -184,5 +185,5 @@ class MultiHeadAttention(Layer):
     q = self._project(params, "query", x, impl).reshape(b, t, self.num_heads, head)
     k, v = (self._project(params, name, kv, impl).reshape(b, kv.shape[1], self.kv_heads, head)
             for name in ("key", "value"))
-    o = _impl.op("dot_product_attention", impl)(q, k, v, mask=mask, causal=self.causal)
+    o = dot_product_attention_op.select(impl)(q, k, v, mask=mask, causal=self.causal)
     return self._project(params, "out", o.reshape(b, t, self.num_heads * head), impl), state

@@ -3,9 +3,8 @@ not last), with and without scale and offset, eps, group counts, channel axes.""
 
 import jax.numpy as jnp
 
-from jlayers.normalization import (group_norm, group_norm_reference, layer_norm,
-                                   layer_norm_reference, rms_norm, rms_norm_reference)
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.normalization import group_norm_op, layer_norm_op, rms_norm_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _ident(shape, axis):
@@ -59,9 +58,9 @@ def _bench(shape, n_params, suffix="", **kwargs):
 
 _TRANSFORMER = (16, 512, 768)
 
-SPECS = [
-    OpSpec(
-        "layer_norm", layer_norm, layer_norm_reference,
+GRIDS = [
+    Grid(
+        layer_norm_op,
         (_layer_case((2, 3, 8)), _layer_case((5,)), _layer_case((2, 3, 4), 1),
          _layer_case((2, 3, 4), (1, 2)), _layer_case((3, 6), params=()),
          _layer_case((3, 6), params=("scale",)), _layer_case((4, 1, 6), -1, eps=0.5),
@@ -70,8 +69,8 @@ SPECS = [
         bench=(_bench(_TRANSFORMER, 2),),
         mesh=(_layer_case((MESH_BATCH, 3, 8)),),
     ),
-    OpSpec(
-        "rms_norm", rms_norm, rms_norm_reference,
+    Grid(
+        rms_norm_op,
         (_layer_case((2, 3, 8), rms=True), _layer_case((5,), rms=True),
          _layer_case((2, 3, 4), (0, 2), rms=True), _layer_case((3, 6), params=(), rms=True),
          _layer_case((4, 6), eps=0.5, rms=True)),
@@ -79,8 +78,8 @@ SPECS = [
         bench=(_bench(_TRANSFORMER, 1),),
         mesh=(_layer_case((MESH_BATCH, 8), rms=True),),
     ),
-    OpSpec(
-        "group_norm", group_norm, group_norm_reference,
+    Grid(
+        group_norm_op,
         (_group_case((2, 3, 3, 6), 2), _group_case((2, 3, 3, 6), 1),
          _group_case((2, 3, 3, 6), 6), _group_case((2, 4, 3, 3), 2, axis=1),
          _group_case((3, 12), 4), _group_case((2, 5, 4), 2, eps=0.5)),

@@ -7,8 +7,8 @@ counts as agreement.)
 
 import numpy as np
 
-from jlayers.softmax import log_softmax, log_softmax_reference, softmax, softmax_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.softmax import log_softmax_op, softmax_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _mask(x_shape, kind, shape=None):
@@ -55,11 +55,11 @@ def _mesh(kind):
 
 _BENCH = (_case((16, 512, 768), scale=1.0),)
 
-SPECS = [
-    OpSpec("softmax", softmax, softmax_reference, _cases(),
-           representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
-           bench=_BENCH, mesh=(_mesh("row"),)),
-    OpSpec("log_softmax", log_softmax, log_softmax_reference, _cases(),
-           representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
-           bench=_BENCH, mesh=(_mesh("pattern"),)),
+GRIDS = [
+    Grid(softmax_op, _cases(),
+         representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
+         bench=_BENCH, mesh=(_mesh("row"),)),
+    Grid(log_softmax_op, _cases(),
+         representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
+         bench=_BENCH, mesh=(_mesh("pattern"),)),
 ]

@@ -1,4 +1,5 @@
-"""Grids for ``softmax_cross_entropy_with_integer_labels`` and ``softmax_cross_entropy``: class
+"""Grids for ``softmax_cross_entropy_with_integer_labels`` (:mod:`jlayers.loss`) and
+``softmax_cross_entropy`` (:mod:`jlayers.loss_soft_labels`), which share their masks: class
 axis, leading shapes, class counts, both shapes of ``where``, label smoothing.
 
 Integer labels are drawn in range and are always int32, whatever float dtype the case is built
@@ -11,10 +12,9 @@ examples, and masks every class of the second example.
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers.loss import (softmax_cross_entropy, softmax_cross_entropy_reference,
-                          softmax_cross_entropy_with_integer_labels,
-                          softmax_cross_entropy_with_integer_labels_reference)
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.loss import softmax_cross_entropy_with_integer_labels_op
+from jlayers.loss_soft_labels import softmax_cross_entropy_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _examples(shape, axis):
@@ -95,12 +95,11 @@ def _bench_prob(rng, dtype):
   return normal(rng, (128, 10), dtype), _labels(rng, (128, 10), -1, dtype, "softmax")
 
 
-SPECS = [
-    OpSpec(
-        "softmax_cross_entropy_with_integer_labels", softmax_cross_entropy_with_integer_labels,
-        softmax_cross_entropy_with_integer_labels_reference,
-        (_int_case((4, 5)), _int_case((4, 5), kind="where"), _int_case((4, 5), kind="classmask"),
-         _int_case((4, 5), smoothing=0.1), _int_case((4, 5), kind="classmask", smoothing=0.1),
+GRIDS = [
+    Grid(
+        softmax_cross_entropy_with_integer_labels_op,
+        (_int_case((4, 5)), _int_case((4, 5), kind="where"),
+         _int_case((4, 5), kind="classmask"), _int_case((4, 5), smoothing=0.1), _int_case((4, 5), kind="classmask", smoothing=0.1),
          _int_case((4, 5), kind="where", smoothing=1.0), _int_case((5,)), _int_case((3, 1)),
          _int_case((7, 2)), _int_case((2, 3, 5)), _int_case((2, 3, 5), kind="where"),
          _int_case((5, 4), axis=0),
@@ -110,8 +109,8 @@ SPECS = [
         mesh=(_int_case((MESH_BATCH, 5)), _int_case((MESH_BATCH, 2, 5), smoothing=0.1),
               _int_case((MESH_BATCH, 5), kind="classmask")),
     ),
-    OpSpec(
-        "softmax_cross_entropy", softmax_cross_entropy, softmax_cross_entropy_reference,
+    Grid(
+        softmax_cross_entropy_op,
         (_prob_case((4, 5)), _prob_case((4, 5), kind="where"),
          _prob_case((4, 5), kind="classmask"), _prob_case((4, 5), form="onehot"),
          _prob_case((4, 5), form="unnormalized"), _prob_case((5,)), _prob_case((3, 1)),

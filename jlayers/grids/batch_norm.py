@@ -2,9 +2,8 @@
 
 import jax.numpy as jnp
 
-from jlayers.batch_norm import (batch_norm, batch_norm_inference, batch_norm_inference_reference,
-                                batch_norm_reference)
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.batch_norm import batch_norm_inference_op, batch_norm_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 # (x shape, feature axis)
 _LAYOUTS = (((6, 3), -1), ((6, 3), 0), ((2, 4, 4, 3), -1), ((2, 3, 4, 5), 1),
@@ -44,17 +43,17 @@ def _bench(shape):
 _BENCH_SHAPES = ((64, 32, 32, 64), (128, 28, 28, 32), (128, 14, 14, 64))
 
 
-SPECS = [
-    OpSpec(
-        "batch_norm", batch_norm, batch_norm_reference,
+GRIDS = [
+    Grid(
+        batch_norm_op,
         tuple(_train_case(s, a, e) for s, a in _LAYOUTS for e in (1e-5, 0.1)),
         representative=("6x3-axis-1-eps1e-05", "2x3x4x5-axis1-eps0.1"),
         bench=tuple(Case("x".join(map(str, s)), _bench(s), diff=(0, 1, 2))
                     for s in _BENCH_SHAPES),
         mesh=(_train_case((MESH_BATCH, 3, 3, 4), -1, 1e-5), _train_case((MESH_BATCH, 4, 5), 1, 0.1)),
     ),
-    OpSpec(
-        "batch_norm_inference", batch_norm_inference, batch_norm_inference_reference,
+    Grid(
+        batch_norm_inference_op,
         tuple(_inference_case(s, a) for s, a in _LAYOUTS),
         representative=("2x3x4x5-axis1",),
         bench=(Case("64x32x32x64", lambda rng, dtype: (*_bench(_BENCH_SHAPES[0])(rng, dtype),

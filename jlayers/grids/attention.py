@@ -9,8 +9,8 @@ keyword.
 
 import numpy as np
 
-from jlayers.attention import dot_product_attention, dot_product_attention_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.attention import dot_product_attention_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _mask(shape, seed, density=0.6, empty_row=False):
@@ -45,9 +45,9 @@ def _bench(t, causal):
               {"causal": True} if causal else {}, diff=(0, 1, 2), batched=(0, 1, 2))
 
 
-SPECS = [
-    OpSpec(
-        "dot_product_attention", dot_product_attention, dot_product_attention_reference,
+GRIDS = [
+    Grid(
+        dot_product_attention_op,
         (_case(2, 5, 2, 7, 2, 3),
          _case(2, 5, 4, 7, 2, 3, causal=True),
          _case(2, 7, 4, 5, 2, 3, causal=True),

@@ -1,8 +1,8 @@
 """Grids for ``relu`` (values kept off the kink: it has its own test), ``gelu`` (both forms)
 and ``silu``: shapes of several ranks."""
 
-from jlayers.activation import gelu, gelu_reference, relu, relu_reference, silu, silu_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, away_from_zero, normal
+from jlayers.activation import gelu_op, relu_op, silu_op
+from jlayers.testing import MESH_BATCH, Case, Grid, away_from_zero, normal
 
 _SHAPES = ((7,), (3, 5), (2, 3, 4), (2, 4, 4, 3), (1, 1))
 
@@ -18,14 +18,15 @@ def _bench(shapes, draw=away_from_zero, suffix="", **kwargs):
                     lambda rng, dtype, s=s: (draw(rng, s, dtype),), kwargs) for s in shapes)
 
 
-SPECS = [
-    OpSpec(
-        "relu", relu, relu_reference, tuple(_case(s) for s in _SHAPES),
+GRIDS = [
+    Grid(
+        relu_op,
+        tuple(_case(s) for s in _SHAPES),
         bench=_bench(((128, 28, 28, 32), (128, 14, 14, 64))),
         mesh=(_case((MESH_BATCH, 4, 3)),),
     ),
-    OpSpec(
-        "gelu", gelu, gelu_reference,
+    Grid(
+        gelu_op,
         tuple(_case(s, normal, f"-{'tanh' if a else 'erf'}", approximate=a)
               for s in _SHAPES for a in (True, False)),
         representative=("3x5-tanh", "2x4x4x3-erf"),
@@ -34,8 +35,9 @@ SPECS = [
         mesh=(_case((MESH_BATCH, 4, 3), normal, "-tanh", approximate=True),
               _case((MESH_BATCH, 5), normal, "-erf", approximate=False)),
     ),
-    OpSpec(
-        "silu", silu, silu_reference, tuple(_case(s, normal) for s in _SHAPES),
+    Grid(
+        silu_op,
+        tuple(_case(s, normal) for s in _SHAPES),
         representative=("2x3x4",),
         bench=_bench(((16, 512, 768),), normal),
         mesh=(_case((MESH_BATCH, 4, 3), normal),),

@@ -9,8 +9,8 @@ differentiable, and the ids' axis 0 is the batch.
 
 import jax.numpy as jnp
 
-from jlayers.embedding import embedding, embedding_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.embedding import embedding_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _case(ids_shape, num, features, ids_dtype=jnp.int32, suffix=""):
@@ -26,9 +26,9 @@ def _case(ids_shape, num, features, ids_dtype=jnp.int32, suffix=""):
   return Case(f"{shape}-v{num}f{features}{suffix}", make, diff=(1,), batched=(0,))
 
 
-SPECS = [
-    OpSpec(
-        "embedding", embedding, embedding_reference,
+GRIDS = [
+    Grid(
+        embedding_op,
         (_case((), 5, 3), _case((7,), 10, 4), _case((3, 4), 6, 5),
          _case((2, 6, 4), 3, 2, suffix="-dup"), _case((9,), 1, 3), _case((6,), 4, 1),
          _case((4, 5), 9, 3, jnp.int16, "-int16"), _case((3, 7), 300, 2, jnp.uint8, "-uint8")),

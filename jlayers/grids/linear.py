@@ -2,8 +2,8 @@
 
 import itertools
 
-from jlayers.linear import linear, linear_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.linear import linear_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 
 def _case(lead, n_in, n_out, bias):
@@ -18,9 +18,9 @@ def _case(lead, n_in, n_out, bias):
 
 _LEADS = ((), (5,), (2, 3), (2, 1, 3))
 _SIZES = ((4, 3), (1, 6), (7, 1))
-SPECS = [
-    OpSpec(
-        "linear", linear, linear_reference,
+GRIDS = [
+    Grid(
+        linear_op,
         tuple(_case(lead, i, o, bias)
               for lead, (i, o), bias in itertools.product(_LEADS, _SIZES, (True, False))),
         representative=("2x3-4to3-bias", "vec-4to3-nobias"),

@@ -6,8 +6,8 @@ with a non-square 3×2 kernel. Bias is on for half of the grid, spread over ever
 
 import itertools
 
-from jlayers.conv import conv2d, conv2d_reference
-from jlayers.testing import MESH_BATCH, Case, OpSpec, normal
+from jlayers.conv import conv2d_op
+from jlayers.testing import MESH_BATCH, Case, Grid, normal
 
 _C = 4
 _STRIDES = (1, 2)
@@ -73,9 +73,9 @@ def _bench(size, batch=128):
               diff=(0, 1, 2))
 
 
-SPECS = [
-    OpSpec(
-        "conv2d", conv2d, conv2d_reference,
+GRIDS = [
+    Grid(
+        conv2d_op,
         (*_grid(), _large(7, "NHWC", 1), _large(9, "NCHW", 2)),
         representative=("s2-asym-d2-g2-nhwc-odd-nobias", "s1-same-d1-g1-nchw-even-bias",
                         "s2-valid-d1-dw-nchw-even-bias"),

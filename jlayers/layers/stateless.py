@@ -1,18 +1,21 @@
-"""Layers without params or state: activation, reshape, pooling (re-exported by
-:mod:`jlayers.layers`)."""
+"""Layers without params or state: activations, :class:`Flatten`, pooling and
+:class:`Dropout`."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 from jlayers import _checks
-from jlayers import _impl
-from jlayers import _layer_base as base
-from jlayers._layer_base import Layer
+from jlayers.activation import gelu_op, relu_op, silu_op
+from jlayers.dropout import dropout_op
+from jlayers.layers import base
+from jlayers.layers.base import Layer
+from jlayers.pool import avg_pool2d_op, max_pool2d_op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,8 +25,8 @@ class ReLU(Layer):
   kind: ClassVar[str] = "relu"
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("ReLU", train, impl)
-    return _impl.op("relu", impl)(x), state
+    _checks.static_call("ReLU", train, impl)
+    return relu_op.select(impl)(x), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +38,11 @@ class GELU(Layer):
   approximate: bool = True
 
   def __post_init__(self):
-    base.flag("GELU", "approximate", self.approximate)
+    _checks.flag("GELU", "approximate", self.approximate)
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("GELU", train, impl)
-    return _impl.op("gelu", impl)(x, approximate=self.approximate), state
+    _checks.static_call("GELU", train, impl)
+    return gelu_op.select(impl)(x, approximate=self.approximate), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,8 @@ class SiLU(Layer):
   kind: ClassVar[str] = "silu"
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("SiLU", train, impl)
-    return _impl.op("silu", impl)(x), state
+    _checks.static_call("SiLU", train, impl)
+    return silu_op.select(impl)(x), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +62,12 @@ class Flatten(Layer):
 
   kind: ClassVar[str] = "flatten"
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
-    base.shape_of("Flatten", input_shape, min_rank=1)
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    _checks.shape_of("Flatten", input_shape, min_rank=1)
     return {}, {}
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("Flatten", train, impl)
+    _checks.static_call("Flatten", train, impl)
     x = _checks.as_array("Flatten", "x", x)
     _checks.min_rank("Flatten", "x", x, 1, "(N, ...)")
     return x.reshape(x.shape[0], math.prod(x.shape[1:])), state
@@ -85,11 +88,11 @@ class _Pool2d(Layer):
     if self.stride is not None:
       base.set_field(self, "stride", _checks.positive_ints(where, "stride", self.stride, 2))
     base.set_field(self, "padding", _checks.padding(where, self.padding))
-    base.set_field(self, "ceil_mode", base.flag(where, "ceil_mode", self.ceil_mode))
+    base.set_field(self, "ceil_mode", _checks.flag(where, "ceil_mode", self.ceil_mode))
     _checks.layout(where, self.layout)
 
-  def init(self, key, input_shape, *, dtype=jnp.float32):
-    base.shape_of(type(self).__name__, input_shape, rank=4)
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    _checks.shape_of(type(self).__name__, input_shape, rank=4)
     return {}, {}
 
   def _pool_kwargs(self):
@@ -111,8 +114,8 @@ class MaxPool2d(_Pool2d):
                    _checks.positive_ints("MaxPool2d", "dilation", self.dilation, 2))
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("MaxPool2d", train, impl)
-    y = _impl.op("max_pool2d", impl)(x, self.window, dilation=self.dilation,
+    _checks.static_call("MaxPool2d", train, impl)
+    y = max_pool2d_op.select(impl)(x, self.window, dilation=self.dilation,
                                      **self._pool_kwargs())
     return y, state
 
@@ -128,10 +131,43 @@ class AvgPool2d(_Pool2d):
   def __post_init__(self):
     super().__post_init__()
     base.set_field(self, "count_include_pad",
-                   base.flag("AvgPool2d", "count_include_pad", self.count_include_pad))
+                   _checks.flag("AvgPool2d", "count_include_pad", self.count_include_pad))
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
-    base.check_call("AvgPool2d", train, impl)
-    y = _impl.op("avg_pool2d", impl)(x, self.window, count_include_pad=self.count_include_pad,
+    _checks.static_call("AvgPool2d", train, impl)
+    y = avg_pool2d_op.select(impl)(x, self.window, count_include_pad=self.count_include_pad,
                                      **self._pool_kwargs())
+    return y, state
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout(Layer):
+  """Inverted dropout, active only with ``train=True`` (which then needs ``key``).
+
+  ``rate`` is the probability of DROPPING an element, ``0 <= rate <= 1``; ``broadcast_dims``
+  share one mask value along those axes (e.g. ``(1, 2)`` drops whole NHWC channels). No params,
+  no state. Inside :class:`jlayers.Sequential` every dropout layer gets its own key.
+  """
+
+  kind: ClassVar[str] = "dropout"
+  rate: float
+  _: dataclasses.KW_ONLY
+  broadcast_dims: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    base.set_field(self, "rate", _checks.real("Dropout", "rate", self.rate, 0.0, 1.0))
+    dims = self.broadcast_dims
+    if not isinstance(dims, Sequence) or isinstance(dims, str) or not all(
+        map(_checks.is_int, dims)):
+      raise TypeError(f"Dropout: broadcast_dims must be a sequence of ints, got {dims!r}")
+    base.set_field(self, "broadcast_dims", tuple(dims))
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    _checks.static_call("Dropout", train, impl)
+    if not train:
+      return x, state
+    if key is None:
+      raise ValueError("Dropout: train=True needs a PRNG key, pass key=jax.random.key(...) "
+                       "to apply (or train=False for evaluation)")
+    y = dropout_op.select(impl)(x, key, rate=self.rate, broadcast_dims=self.broadcast_dims)
     return y, state

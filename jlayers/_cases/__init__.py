@@ -1,1 +1,0 @@
-"""Configuration grids of the registry, one module per op family (see ``jlayers.registry``)."""
