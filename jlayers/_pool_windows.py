@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
 from jlayers import _checks, _sharding
 
@@ -179,20 +178,13 @@ def place_blocks(config: Config, blocks: jax.Array) -> jax.Array:
       p for a, (s, k, d) in enumerate(zip(steps, config.span, config.dilation))
       for p in (((0, 0, 0), (0, s - k, d - 1)) if a in config.spatial else ((0, 0, 0),))])
   merged = tuple(m * s for m, s in zip(out, steps))
-  return lax.pad(blocks.reshape(merged, out_sharding=merged_sharding(config, blocks)), zero, [
+  return lax.pad(blocks.reshape(merged, out_sharding=_sharding.merged_spec(blocks, _merges(config))), zero, [
       (-lo, n - m * s + lo, 0) for n, m, s, (lo, _) in zip(config.shape, out, steps, config.pads)])
 
 
-def merged_sharding(config: Config, blocks):
-  """Where the types carry shardings: that of ``blocks`` with each spatial pair merged back
-  into one (unsplit) axis, for the reshape that merges them; else ``None``."""
-  if not _sharding.explicit(blocks):
-    return None
-  spec, entries, i = jax.typeof(blocks).sharding.spec, [], 0
-  for a in range(4):
-    entries.append(None if a in config.spatial else (spec[i] if i < len(spec) else None))
-    i += 2 if a in config.spatial else 1
-  return P(*entries)
+def _merges(config: Config) -> tuple[int, ...]:
+  """Axes per axis of a blocked array (:func:`blocked`): each spatial pair merges into one."""
+  return tuple(2 if a in config.spatial else 1 for a in range(4))
 
 
 def blocked(config: Config, shape, inner) -> tuple[int, ...]:
@@ -266,7 +258,7 @@ def max_by_phases(config: Config, x):
                                  for vw in range(phases[w])], axis=w + 1)
                       for vh in range(phases[h])], axis=h + 1)
   merged = tuple(r * v for r, v in zip(rows, phases))
-  y = blocks.reshape(merged, out_sharding=merged_sharding(config, blocks))
+  y = blocks.reshape(merged, out_sharding=_sharding.merged_spec(blocks, _merges(config)))
   return lax.slice(y, (0,) * 4, config.out_shape)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -60,6 +61,55 @@ def reshard_like(w, x, axes=None):
   if target is None or jax.typeof(w).sharding.spec == target:
     return w
   return jax.sharding.reshard(w, target)
+
+
+def replicated_like(x):
+  """A replicated sharding on ``x``'s mesh where the types carry shardings; else ``None``."""
+  return NamedSharding(jax.typeof(x).sharding.mesh, P()) if explicit(x) else None
+
+
+def lookup(ids, table_sharding):
+  """The sharding of ``table[ids]``: laid out as ``ids``, with the table's feature split on the
+  last axis, where the types carry shardings (a lookup with batch-split ids is otherwise
+  ambiguous); else ``None``."""
+  if not explicit(ids):
+    return None
+  sharding = jax.typeof(ids).sharding
+  spec = tuple(sharding.spec) + (None,) * (ids.ndim - len(sharding.spec))
+  features = None if table_sharding is None else tuple(table_sharding.spec)[1:2]
+  return NamedSharding(sharding.mesh, P(*spec, *(features or (None,))))
+
+
+def merged_spec(x, merges: tuple[int, ...]):
+  """The partition spec of ``x`` reshaped with consecutive axes merged, ``merges[i]`` of them
+  into axis ``i`` of the result: a single axis keeps its partitioning, a merged one is unsplit
+  (for the reshape's ``out_sharding``), where the types carry shardings; else ``None``."""
+  if not explicit(x):
+    return None
+  spec = tuple(jax.typeof(x).sharding.spec)
+  spec += (None,) * (x.ndim - len(spec))
+  entries, i = [], 0
+  for n in merges:
+    entries.append(spec[i] if n == 1 else None)
+    i += n
+  return P(*entries)
+
+
+def varying(v, axis_name):
+  """``v`` marked as varying over the ``shard_map`` axes among ``axis_name``.
+
+  A parameter replicated across a ``shard_map`` (``pmap`` is built on it) must enter a custom
+  rule as a per-device value: the rule then returns this device's share of its gradient and
+  JAX's transpose of the cast sums the shares, as autodiff of the twin does. Under ``vmap`` the
+  parameter is a per-example value already and is left as it is.
+  """
+  if axis_name is None:
+    return v
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  state = getattr(getattr(jax.typeof(v), "mat", None), "varying", frozenset())
+  missing = tuple(n for n in names if n in manual and n not in state)
+  return jax.lax.pcast(v, missing, to="varying") if missing else v
 
 
 def _names(entry) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlayers import _checks, _ops, _standardize
+from jlayers import _checks, _ops, _sharding, _standardize
 
 
 def _config(op, x, axis, eps, axis_name, **vectors):
@@ -29,23 +29,6 @@ def _config(op, x, axis, eps, axis_name, **vectors):
 def _per_channel(v, ndim, axis):
   """``v[C]`` reshaped to broadcast against a rank-``ndim`` array along ``axis``."""
   return v.reshape(tuple(-1 if i == axis else 1 for i in range(ndim)))
-
-
-def _varying(v, axis_name):
-  """``v`` marked as varying over the ``shard_map`` axes among ``axis_name``.
-
-  A parameter replicated across a ``shard_map`` (``pmap`` is built on it) must enter the custom
-  rule as a per-device value: the rule then returns this device's share of its gradient and
-  JAX's transpose of the cast sums the shares, as autodiff of the twin does. Under ``vmap`` the
-  parameter is a per-example value already and is left as it is.
-  """
-  if axis_name is None:
-    return v
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-  varying = getattr(getattr(jax.typeof(v), "mat", None), "varying", frozenset())
-  missing = tuple(n for n in names if n in manual and n not in varying)
-  return jax.lax.pcast(v, missing, to="varying") if missing else v
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,8 +69,8 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array, *, axis: int =
     ([-1.0, 1.0], [2.0], [1.0])
   """
   x, axis, eps, v = _config("batch_norm", x, axis, eps, axis_name, scale=scale, offset=offset)
-  y, mean, var = _batch_norm(axis, eps, axis_name, x, _varying(v["scale"], axis_name),
-                             _varying(v["offset"], axis_name))
+  y, mean, var = _batch_norm(axis, eps, axis_name, x, _sharding.varying(v["scale"], axis_name),
+                             _sharding.varying(v["offset"], axis_name))
   if axis_name is not None:
     # Where the cotangents of replicated statistics arrive depends on the mapping: whole under
     # shard_map, one share per device under pmap and vmap(grad), pre-summed under grad(vmap).

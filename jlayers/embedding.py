@@ -9,8 +9,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jlayers import _checks, _ops, _sharding
 
@@ -85,21 +83,10 @@ def _rows(ids, num: int):
   return jnp.where(in_range, rows, num)
 
 
-def _lookup_sharding(ids, config):
-  """The output laid out as ``ids`` with the table's feature split last, where the types
-  carry shardings (a lookup with batch-split ids is otherwise ambiguous); else ``None``."""
-  if not _sharding.explicit(ids):
-    return None
-  sharding = jax.typeof(ids).sharding
-  spec = tuple(sharding.spec) + (None,) * (ids.ndim - len(sharding.spec))
-  features = None if config.sharding is None else tuple(config.sharding.spec)[1:2]
-  return NamedSharding(sharding.mesh, P(*spec, *(features or (None,))))
-
-
 def _forward(config, ids, table):
   return table.at[_rows(ids, config.num)].get(
       mode="fill", fill_value=jnp.nan, wrap_negative_indices=False,
-      out_sharding=_lookup_sharding(ids, config))
+      out_sharding=_sharding.lookup(ids, config.sharding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -143,8 +130,8 @@ def _embedding_bwd(config, ids, g):
   """
   acc = _checks.at_least_float32(config.dtype)
   sharding = config.sharding
-  if sharding is None and _sharding.explicit(g):  # a table whose type carries no sharding
-    sharding = NamedSharding(jax.typeof(g).sharding.mesh, P())
+  if sharding is None:  # a table whose type carries no sharding: replicated
+    sharding = _sharding.replicated_like(g)
   zeros = jnp.zeros((config.num, config.features), acc, out_sharding=sharding)
   rows, count = _rows(ids, config.num), math.prod(ids.shape)
   dnums = lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
