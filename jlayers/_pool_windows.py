@@ -178,7 +178,9 @@ def place_blocks(config: Config, blocks: jax.Array) -> jax.Array:
       p for a, (s, k, d) in enumerate(zip(steps, config.span, config.dilation))
       for p in (((0, 0, 0), (0, s - k, d - 1)) if a in config.spatial else ((0, 0, 0),))])
   merged = tuple(m * s for m, s in zip(out, steps))
-  return lax.pad(blocks.reshape(merged, out_sharding=_sharding.merged_spec(blocks, _merges(config))), zero, [
+  merged_blocks = blocks.reshape(merged,
+                                 out_sharding=_sharding.merged_spec(blocks, _merges(config)))
+  return lax.pad(merged_blocks, zero, [
       (-lo, n - m * s + lo, 0) for n, m, s, (lo, _) in zip(config.shape, out, steps, config.pads)])
 
 

@@ -3,9 +3,9 @@
 Four sections, each measured in one run on one machine (jit, warm-up, then the implementations
 timed in alternating rounds so that drift in machine speed falls on all alike; medians):
 
-* **ops** — forward+backward of every registered op at a realistic size (the registry's bench
-  case): milliseconds and compiled temporary memory for the manual rule and the autodiff twin,
-  and their ratios (manual / autodiff: below 1 is better). Ops with a peer in
+* **ops** — forward+backward of every op at a realistic size (the bench cases of its grid,
+  :data:`jlayers.grids.GRIDS`): milliseconds and compiled temporary memory for the manual rule
+  and the autodiff twin, and their ratios (manual / autodiff: below 1 is better). Ops with a peer in
   :data:`OP_PEERS` (``dot_product_attention``: ``jax.nn.dot_product_attention``) also time the
   peer on the same inputs and cotangent, interleaved with the other two, in a table of their own.
 * **linear throughput** — ``linear`` forward+backward (three matmuls) against one plain matmul
@@ -82,7 +82,7 @@ OP_PEERS: dict[str, Peer] = {
         "target: manual temporary memory ≤ 0.1× the twin's at T = 2048, time ≤ 1.0× the "
         "twin's at both lengths"),
 }
-"""Peers of registry ops, keyed by op name: :func:`bench_op` times them as a third
+"""Peers of jlayers' ops, keyed by op name: :func:`bench_op` times them as a third
 implementation."""
 
 

@@ -166,7 +166,8 @@ def _max_pool2d_native_bwd(config, x, g):
   tie convention. JAX emits it as the transpose of ``reduce_window`` max, which is what this
   calls; the padding (:math:`-\infty`) never wins. Select-and-scatter has no window dilation:
   dilated windows are scattered per phase, by the transpose of
-  :func:`jlayers._pool_windows.max_by_phases`, whose undilated windows hold the same elements in the same order (so the same first maximum).
+  :func:`jlayers._pool_windows.max_by_phases`, whose undilated windows hold the same elements
+  in the same order (so the same first maximum).
   """
   undilated = all(d == 1 for d in config.dilation)
   if undilated:

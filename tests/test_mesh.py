@@ -15,6 +15,9 @@ import pytest
 
 from jlayers.grids import GRIDS
 
+# One group: under pytest-xdist (``--dist loadgroup``) one worker runs the subprocess, once.
+pytestmark = pytest.mark.xdist_group("mesh")
+
 WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
 REL_TOL = 1e-5
 

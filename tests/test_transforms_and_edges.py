@@ -11,7 +11,8 @@ from jlayers import layers as L
 from jlayers import testing
 from jlayers.grids import GRIDS
 
-FIRST = [pytest.param(grid, grid.representative_cases[0], id=grid.name) for grid in GRIDS.values()]
+FIRST = [pytest.param(grid, grid.representative_cases[0], id=grid.name)
+         for grid in GRIDS.values()]
 
 
 def _args(grid, case, dtype=jnp.float32, seed=0):

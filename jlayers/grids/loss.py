@@ -99,7 +99,8 @@ GRIDS = [
     Grid(
         softmax_cross_entropy_with_integer_labels_op,
         (_int_case((4, 5)), _int_case((4, 5), kind="where"),
-         _int_case((4, 5), kind="classmask"), _int_case((4, 5), smoothing=0.1), _int_case((4, 5), kind="classmask", smoothing=0.1),
+         _int_case((4, 5), kind="classmask"), _int_case((4, 5), smoothing=0.1),
+         _int_case((4, 5), kind="classmask", smoothing=0.1),
          _int_case((4, 5), kind="where", smoothing=1.0), _int_case((5,)), _int_case((3, 1)),
          _int_case((7, 2)), _int_case((2, 3, 5)), _int_case((2, 3, 5), kind="where"),
          _int_case((5, 4), axis=0),
