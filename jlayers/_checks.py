@@ -301,6 +301,20 @@ def axis_name(op: str, value):
   return value
 
 
+def bound_axis_name(op: str, value):
+  """:func:`axis_name`, and every name in it bound here: the axis of an enclosing
+  ``shard_map``, ``pmap`` or ``vmap`` (checked while tracing the op, where a reduction over an
+  unbound name would fail inside JAX)."""
+  value = axis_name(op, value)
+  for name in () if value is None else value if isinstance(value, tuple) else (value,):
+    try:
+      jax.lax.axis_size(name)
+    except NameError:
+      raise ValueError(f"{op}: axis_name {name!r} is not the name of a mapped axis here (a "
+                       "shard_map, pmap or vmap axis around this call)") from None
+  return value
+
+
 def layout(op: str, value) -> str:
   """Validates a 2-D spatial layout name."""
   if value not in ("NHWC", "NCHW"):

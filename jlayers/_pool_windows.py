@@ -267,11 +267,13 @@ def max_by_phases(config: Config, x):
 def counts(config: Config) -> np.ndarray:
   """The divisor :math:`c` of every output, a constant broadcastable to the output: per axis,
   the window elements in the input and its padding (``count_include_pad``; not ``ceil_mode``'s
-  extra padding) or in the input alone; their product over the axes."""
+  extra padding) or in the input alone; their product over the spatial axes (batch and
+  channels, of window 1, count 1 each, and may be empty)."""
   counts = np.ones((1,) * 4)
-  for axis, (n, k, s, d, (lo, hi), e, m) in enumerate(zip(
-      config.shape, config.window, config.strides, config.dilation, config.pads,
-      config.ceil_extra, config.out_shape)):
+  for axis in config.spatial:
+    n, k, s, d = (config.shape[axis], config.window[axis], config.strides[axis],
+                  config.dilation[axis])
+    (lo, hi), e, m = config.pads[axis], config.ceil_extra[axis], config.out_shape[axis]
     begin, end = (-lo, n + hi - e) if config.count_include_pad else (0, n)
     per_window = _inside(m, k, s, d, lo, begin, end).sum(axis=1)
     if (per_window == per_window[0]).all():

@@ -80,7 +80,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   ``jax.nn.dot_product_attention`` and PyTorch: ``causal`` is top-left aligned when
   ``T ≠ S`` (query ``i`` sees keys ``0..i``), and ``N`` query heads share ``K`` key/value
   heads (``N = K``: multi-head; ``K = 1``: multi-query). A query row whose every key is
-  masked gets output 0 and gradient 0 (never NaN); so does every row when ``S = 0``.
+  masked gets output 0 and gradient 0 (never NaN); so does every row when ``S = 0``. An empty
+  output (``B``, ``T``, ``N`` or ``H`` of 0) is returned as such, with empty gradients.
 
   The forward visits blocks of queries × keys (sizes chosen per sequence length in
   :mod:`jlayers._attention_blocks`) with an online softmax (a running maximum and sum per
@@ -113,7 +114,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     [[0.0, 1.0], [1.0, 2.0]]
   """
   q, k, v, mask, config = _validate(q, k, v, mask, causal, scale)
-  if 0 in (q.shape[1], k.shape[1]):  # no query, or no key to see: every row is empty
+  if q.size == 0 or k.shape[1] == 0:  # an empty output, or no key to see: every row is empty
     return jnp.zeros_like(q)
   return _attention(config, q, k, v, mask)
 
@@ -283,7 +284,7 @@ def dot_product_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
   with the whole ``[B, K, G, T, S]`` score array, its maximum under ``stop_gradient`` (softmax
   is shift-invariant), masked entries selected to probability 0 and fully masked rows to 0."""
   q, k, v, mask, config = _validate(q, k, v, mask, causal, scale)
-  if 0 in (q.shape[1], k.shape[1]):
+  if q.size == 0 or k.shape[1] == 0:
     return jnp.zeros_like(q)
   b, t, n, h = q.shape
   s_len, heads = k.shape[1], k.shape[2]

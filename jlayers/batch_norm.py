@@ -17,7 +17,7 @@ def _config(op, x, axis, eps, axis_name, **vectors):
   _checks.min_rank(op, "x", x, 1)
   axis = _checks.axis_index(op, "axis", axis, x.ndim)
   eps = _checks.positive_float(op, "eps", eps)
-  _checks.axis_name(op, axis_name)
+  _checks.bound_axis_name(op, axis_name)
   out = {}
   for name, v in vectors.items():
     v = _checks.floating(op, name, v)
@@ -110,15 +110,19 @@ def _batch_norm(axis, eps, axis_name, x, scale, offset):
 
 
 def _batch_norm_fwd(axis, eps, axis_name, x, scale, offset):
-  """Saves ``x̂`` (in ``x``'s dtype) and the per-feature ``inv = 1/√(σ²+ε)`` and ``γ``.
+  """Saves ``x`` (an input: no memory of the rule's own), the per-feature ``μ`` and
+  ``inv = 1/√(σ²+ε)``, and ``γ``.
 
-  The closed-form backward needs exactly these: ``x`` and ``μ`` enter only through ``x̂``, and
-  ``σ`` only through ``inv``. ``β`` is kept only for its dtype (a per-feature vector), and the
+  The closed-form backward needs ``x̂ = (x − μ)·inv`` and ``inv``: ``x`` and ``μ`` enter only
+  through ``x̂``, ``σ`` only through ``inv``. ``x̂`` is recomputed in the backward's one
+  elementwise pass, in at least float32: saving it would keep a second array of ``x``'s size
+  (and, rounded to a half-precision ``x``'s dtype, lose the gradient of the returned variance
+  where ``inv`` is tiny). ``β`` is kept only for its dtype (a per-feature vector), and the
   element count ``N`` (over all devices with ``axis_name``) so the backward needs no collective
-  for it.
+  for it. ``μ`` and ``inv`` are differentiable functions of ``x``: second order works.
   """
-  out, xhat, inv, n = _train_forward(axis, eps, axis_name, x, scale, offset)
-  return out, (xhat.astype(x.dtype), inv, scale, offset, n)
+  out, _, inv, n = _train_forward(axis, eps, axis_name, x, scale, offset)
+  return out, (x, out[1], inv, scale, offset, n)
 
 
 def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
@@ -164,11 +168,11 @@ def _batch_norm_bwd(axis, eps, axis_name, res, cotangents):
   per-device value, so JAX sums the shares). Work is in at least float32, and each cotangent
   is cast to its input's dtype.
   """
-  xhat_saved, inv, scale, offset, n = res
+  x, mean, inv, scale, offset, n = res
   gy, gmean, gvar = cotangents
   cdt = inv.dtype
-  pc = functools.partial(_per_channel, ndim=xhat_saved.ndim, axis=axis)
-  xhat = xhat_saved.astype(cdt)
+  pc = functools.partial(_per_channel, ndim=x.ndim, axis=axis)
+  xhat = (x.astype(cdt) - pc(mean)) * pc(inv)
   g = gy.astype(cdt)
   red = _reduced(g.ndim, axis)
   dbeta_local = jnp.sum(g, axis=red)
@@ -246,10 +250,11 @@ def _batch_norm_inference(axis, eps, x, scale, offset, mean, var):
 
 
 def _batch_norm_inference_fwd(axis, eps, x, scale, offset, mean, var):
-  """Saves ``x̂`` (in ``x``'s dtype), the per-feature ``inv`` and the four per-feature inputs
-  (for their dtypes and ``γ``); nothing else of ``x``'s size."""
-  y, xhat, inv = _inference_forward(axis, eps, x, scale, offset, mean, var)
-  return y, (xhat.astype(x.dtype), inv, scale, offset, mean, var)
+  """Saves ``x`` and the four per-feature inputs (no memory of the rule's own) and the
+  per-feature ``inv``; ``x̂ = (x − m)·inv`` is recomputed in the backward, in at least float32,
+  as in training mode."""
+  y, _, inv = _inference_forward(axis, eps, x, scale, offset, mean, var)
+  return y, (x, inv, scale, offset, mean, var)
 
 
 def _batch_norm_inference_bwd(axis, eps, res, g):
@@ -262,9 +267,10 @@ def _batch_norm_inference_bwd(axis, eps, res, g):
     dx = γ\,inv\,g, \quad dβ = Σ g, \quad dγ = Σ g \hat x, \quad
     dm = -γ\,inv\,Σ g, \quad dv = -\tfrac12 γ\,inv^2\,Σ g \hat x
   """
-  xhat_saved, inv, scale, offset, mean, var = res
+  x, inv, scale, offset, mean, var = res
   cdt = inv.dtype
-  xhat = xhat_saved.astype(cdt)
+  pc = functools.partial(_per_channel, ndim=x.ndim, axis=axis)
+  xhat = (x.astype(cdt) - pc(mean.astype(cdt))) * pc(inv)
   gc = g.astype(cdt)
   red = tuple(i for i in range(g.ndim) if i != axis)
   dbeta = jnp.sum(gc, axis=red)

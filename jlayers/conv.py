@@ -54,6 +54,9 @@ def _validate(x, w, b, stride, padding, dilation, groups, layout, precision):
     b = _checks.floating(_OP, "b", b)
     _checks.shape(_OP, "b", b, (c_out,), "(out,)")
   size = tuple(x.shape[a] for a in _X_SPATIAL[layout])
+  if any(w.shape[a] == 0 for a in _W_SPATIAL[layout]):
+    raise ValueError(f"{_OP}: w's window {tuple(w.shape[a] for a in _W_SPATIAL[layout])} "
+                     f"must be at least 1 × 1 (w {_W_NAMES[layout]} = {tuple(w.shape)})")
   k_eff = tuple((w.shape[a] - 1) * d + 1 for a, d in zip(_W_SPATIAL[layout], dilation))
   pads = _checks.explicit_padding(_OP, padding, size, k_eff, stride)
   if any(n + lo + hi < k for n, (lo, hi), k in zip(size, pads, k_eff)):

@@ -89,8 +89,8 @@ def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Arr
     rate: probability of DROPPING, ``0 <= rate <= 1`` (``rate=1`` drops everything: output
       and gradient 0, as PyTorch). A Python float is checked at trace time (``rate=0``
       returns ``x`` itself). A scalar float array may be traced, so one compiled function
-      serves every rate; a traced rate outside ``[0, 1]`` gives NaN outputs. ``rate``
-      receives no gradient.
+      serves every rate; a traced rate outside ``[0, 1]`` gives NaN outputs (and NaN
+      gradients for the elements it keeps). ``rate`` receives no gradient.
     broadcast_dims: axes along which one mask value is shared (as in Flax), e.g. ``(1, 2)``
       for channel dropout of an NHWC feature map.
 
@@ -107,17 +107,19 @@ def dropout(x: jax.Array, key: jax.Array, *, rate, broadcast_dims=()) -> jax.Arr
 
 
 def _scale(rate_arr, dtype):
-  """``1 / (1 − p)``, and 0 at ``p = 1`` (everything dropped: no inf to multiply a zero)."""
+  """``1 / (1 − p)``, 0 at ``p = 1`` (everything dropped: no inf to multiply a zero), and NaN
+  for a (traced) ``p`` outside ``[0, 1]``."""
   keep = 1.0 - rate_arr
   safe = jnp.where(keep > 0, keep, jnp.ones_like(keep))
-  return jnp.where(keep > 0, 1.0 / safe, jnp.zeros_like(keep)).astype(dtype)
+  scale = jnp.where(keep > 0, 1.0 / safe, jnp.zeros_like(keep))
+  valid = (rate_arr >= 0) & (rate_arr <= 1)
+  return jnp.where(valid, scale, jnp.full_like(scale, jnp.nan)).astype(dtype)
 
 
 def _forward(x, keep, rate_arr):
-  y = jnp.where(jnp.broadcast_to(keep, x.shape), x * _scale(rate_arr, x.dtype),
-                jnp.zeros_like(x))
-  valid = (rate_arr >= 0) & (rate_arr <= 1)
-  return jnp.where(valid, y, jnp.full_like(y, jnp.nan))
+  """``(m ⊙ x) / (1 − p)``: every output NaN for a rate outside ``[0, 1]``."""
+  return jnp.where(jnp.broadcast_to(keep, x.shape), x, jnp.zeros_like(x)) * _scale(rate_arr,
+                                                                                    x.dtype)
 
 
 @jax.custom_vjp
@@ -144,11 +146,14 @@ def _dropout_bwd(res, g):
   that is, ``∂L/∂X = ∂L/∂Y · M`` with the inverted-dropout scale. A mask
   shared along ``broadcast_dims`` is broadcast back to ``x``'s shape. The mask is a sample,
   not a function of ``x`` or ``p``, and ``p`` is treated as a constant (its cotangent is
-  ``None``, i.e. zero), as is the key. A traced ``p`` outside ``[0, 1]`` gives NaN here too;
-  at ``p = 1`` the scale is taken as 0 (nothing survives), so output and gradient are 0.
+  ``None``, i.e. zero), as is the key. At ``p = 1`` the scale is taken as 0 (nothing
+  survives), so output and gradient are 0. A traced ``p`` outside ``[0, 1]`` has a NaN scale:
+  the kept elements get NaN gradients and the dropped ones 0, as autodiff of the forward's
+  ``(m ⊙ x) · scale`` gives.
   """
   keep, rate_arr = res
-  dx = _forward(g, keep, rate_arr)
+  dx = jnp.where(jnp.broadcast_to(keep, g.shape), g * _scale(rate_arr, g.dtype),
+                 jnp.zeros_like(g))
   return dx, None, None
 
 

@@ -259,9 +259,13 @@ def _normalize_bwd(config, res, g):
     \frac{∂L}{∂β} = Σ_N s_1, \quad \frac{∂L}{∂γ} = Σ_N r s_2
 
   leaving one elementwise pass for ``dx`` and no intermediate array of ``x``'s size. Work is
-  in at least float32; each cotangent is cast to its input's dtype.
+  in at least float32; each cotangent is cast to its input's dtype. An empty ``x`` has zero
+  gradients: its statistics (``0/0``) enter no output.
   """
   x, scale, mean, rstd = res
+  if x.size == 0:  # no element to standardise: every gradient 0 (the statistics are 0/0)
+    return (jnp.zeros_like(x), None if scale is None else jnp.zeros_like(scale),
+            None if config.offset is None else jnp.zeros(config.param_shape, config.offset))
   cdt = rstd.dtype
   xv = x.astype(cdt).reshape(config.view)
   centred = xv - mean if config.centered else xv

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import raises_eager_and_jit, residual_avals
+from helpers import raises_eager_and_jit
 
 import jlayers
+from jlayers import testing
 
 
 def _inputs(shape=(6, 3), seed=0):
@@ -101,12 +102,16 @@ def test_half_precision_input_uses_float32_statistics():
   np.testing.assert_allclose(var, exact.var(0), rtol=1e-5)
 
 
-def test_saves_xhat_and_per_feature_vectors_only():
-  x, scale, offset = jnp.ones((8, 4, 4, 3)), jnp.ones(3), jnp.zeros(3)
-  avals = residual_avals(lambda x, s, o: jlayers.batch_norm(x, s, o), x, scale, offset)
-  big = [(a.shape, a.dtype) for a in avals if a.shape != (3,)]
-  assert big == [((8, 4, 4, 3), jnp.float32)]
-  assert len(avals) <= 4
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_saves_x_itself_and_per_feature_vectors_only(dtype):
+  """Nothing of x's size but x (an argument): x̂ is recomputed in the backward pass."""
+  x, scale, offset = jnp.ones((8, 4, 4, 3), dtype), jnp.ones(3), jnp.zeros(3)
+  for fn, args in ((jlayers.batch_norm, (x, scale, offset)),
+                   (jlayers.batch_norm_inference, (x, scale, offset, scale, scale))):
+    saved = testing.saved_residuals(lambda *a: fn(*a), *args)  # noqa: B023
+    big = [(a.shape, a.dtype, why) for a, why in saved if a.shape != (3,)]
+    assert [(shape, dt) for shape, dt, _ in big] == [((8, 4, 4, 3), dtype)], big
+    assert big[0][2].startswith("from the argument"), big
 
 
 def test_inference_hand_values_and_gradients():
