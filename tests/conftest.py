@@ -1,8 +1,8 @@
 """Strict numerics for the whole suite: no implicit rank or dtype promotion, x64 only locally.
 
-The suite runs on every core (``pytest -n auto --dist loadgroup``): the 8-device mesh tests
-form one group, so one worker starts their subprocess once, and they are collected first, so
-that it runs while the other workers take the rest.
+The suite runs on every core (``pytest -n auto``). The 8-device mesh tests read the report of
+one subprocess (``tests/mesh_worker.py``), which one worker starts in the background as soon
+as they are collected; they are put last, so that it runs while the workers take the rest.
 
 The suite compiles a few thousand tiny programs, and on the CPU most of each compile is LLVM's
 optimisation of the generated code, which none of the tests measures (they check values,
@@ -23,6 +23,22 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
+_STARTED = []
+
+
 def pytest_collection_modifyitems(items):
-  """The mesh group first (its one subprocess is the longest single task)."""
-  items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+  """The mesh tests last, their subprocess started now (by one worker, or the one process)."""
+  mesh = [item for item in items if item.path.name == "test_mesh.py"]
+  if not mesh:
+    return
+  items[:] = [item for item in items if item.path.name != "test_mesh.py"] + mesh
+  if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+    from helpers import start_mesh_worker  # noqa: PLC0415
+
+    _STARTED.append(start_mesh_worker())
+
+
+def pytest_unconfigure():
+  """The subprocess is waited for (it writes its report even if no test read it)."""
+  for process in _STARTED:
+    process.wait(timeout=900)

@@ -1,6 +1,7 @@
 """The multi-device checks, run by ``tests/test_mesh.py`` in one subprocess on 8 CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``: the device count is fixed when JAX
-starts). Prints one JSON object; importing this module runs nothing.
+starts). Writes one JSON object to the path it is given (stdout without one), whole or not at
+all; importing this module runs nothing.
 
 * ``ops``: every registry op's mesh cases, manual rule and twin, forward and backward under
   ``jit`` with the batch split over an 8-device mesh, for explicit and auto axes (and both
@@ -14,6 +15,7 @@ starts). Prints one JSON object; importing this module runs nothing.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import traceback
@@ -242,12 +244,11 @@ def sync_batch_norm() -> dict:
             for (mode, m), (_, t) in zip(manual, twin)}
 
 
-def main() -> int:
+def run() -> dict:
   import jax  # noqa: PLC0415
 
   if jax.device_count() < DEVICES:
-    print(f"needs {DEVICES} devices, got {jax.device_count()}", file=sys.stderr)
-    return 2
+    return {"error": f"needs {DEVICES} devices, got {jax.device_count()}"}
   report = {}
   for name, fn in (("ops", op_rows), ("train_step", train_step), ("charlm_step", charlm_step),
                    ("sync_batch_norm", sync_batch_norm)):
@@ -255,9 +256,22 @@ def main() -> int:
       report[name] = fn()
     except Exception:  # noqa: BLE001  (the test reports the section's traceback)
       report[name] = {"traceback": traceback.format_exc()}
-  json.dump(report, sys.stdout)
-  return 0
+  return report
+
+
+def main(argv) -> int:
+  try:
+    report = run()
+  except BaseException:  # noqa: BLE001  (a report the tests can show, whatever happened)
+    report = {"error": traceback.format_exc()}
+  if len(argv) < 2:
+    json.dump(report, sys.stdout)
+  else:  # written whole, then renamed: a reader never sees half a report
+    with open(f"{argv[1]}.part", "w") as f:
+      json.dump(report, f)
+    os.replace(f"{argv[1]}.part", argv[1])
+  return 0 if "error" not in report else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(sys.argv))

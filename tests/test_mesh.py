@@ -1,35 +1,24 @@
 """Every rule on an 8-device mesh, data-parallel training, and synchronised batch norm.
 
 All of it runs in ONE subprocess (``tests/mesh_worker.py``): the device count is fixed when JAX
-starts, and one process compiles everything once. The tests below read its report.
+starts, and one process compiles everything once. ``tests/conftest.py`` starts it in the
+background when these tests are collected (one pytest-xdist worker does) and puts them last;
+they read its report.
 """
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+from helpers import mesh_report
 
 from jlayers.grids import GRIDS
 
-# One group: under pytest-xdist (``--dist loadgroup``) one worker runs the subprocess, once.
-pytestmark = pytest.mark.xdist_group("mesh")
-
-WORKER = pathlib.Path(__file__).with_name("mesh_worker.py")
 REL_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def report():
-  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True,
-                        timeout=900, check=False)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return json.loads(done.stdout)
+  return mesh_report()
 
 
 def _section(report, name):
