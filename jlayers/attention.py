@@ -87,9 +87,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   :mod:`jlayers._attention_blocks`) with an online softmax (a running maximum and sum per
   query row), skipping blocks entirely above the diagonal when ``causal``; it saves ``q``,
   ``k``, ``v``, the output and one log-sum-exp per query row (float32, or float64 for float64
-  inputs). Scores and probabilities are computed in at least float32; products run in the
-  inputs' dtype with float32 accumulation (the probabilities are rounded to it before
-  multiplying ``v``, as flash attention does).
+  inputs). Scores, probabilities and every product's accumulation are in at least float32;
+  for half-precision inputs the scores are exact products of the inputs, and the
+  probabilities multiply ``v`` (and the backward's ``dS`` multiplies ``q`` and ``k``) without
+  being rounded to the inputs' dtype, as autodiff of the twin does: each row of the softmax's
+  backward cancels, and that rounding would leave errors as large as the terms that cancel.
 
   Args:
     q: float[B, T, N, H], queries.
@@ -144,7 +146,7 @@ def _safe_max(m):
 
 
 def _forward(config, q, k, v, mask):
-  """``(output [B, T, N, H], log-sum-exp [B, K, G, T] in at least float32)``."""
+  """``(output [B, T, N, H], log-sum-exp [B, K, G, T])``, both in at least float32."""
   blk = blocks(config, q, k, v, mask)
   bq, bk = config.block_q, config.block_k
   f32 = _checks.at_least_float32(q.dtype)
@@ -162,7 +164,7 @@ def _forward(config, q, k, v, mask):
     m_safe = _safe_max(m_new)
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m_old - m_safe)
-    pv = lax.dot_general(p.astype(blk.v.dtype), rows(blk.v, j, bk, 2),
+    pv = lax.dot_general(p, rows(blk.v, j, bk, 2).astype(f32),
                          (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
     l_new = correction * l_old + jnp.sum(p, axis=4)
     acc_new = correction[..., None] * acc_old + pv
@@ -178,26 +180,30 @@ def _forward(config, q, k, v, mask):
                   jnp.full_like(l, jnp.inf))
   b, t, n, h = q.shape
   out = out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return out.astype(q.dtype), lse[..., :t]
+  return out, lse[..., :t]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(config, q, k, v, mask):
-  return _forward(config, q, k, v, mask)[0]
+  return _forward(config, q, k, v, mask)[0].astype(q.dtype)
 
 
 def _attention_fwd(config, q, k, v, mask):
-  """Saves ``q``, ``k``, ``v`` and ``mask`` (inputs), the output ``O`` and the (at least
-  float32) log-sum-exp ``L_i = log Σ_j m_{ij} e^{S_{ij}}`` of each query row ([B, K, G, T]).
+  """Saves ``q``, ``k``, ``v`` and ``mask`` (inputs), the output ``O`` and the log-sum-exp
+  ``L_i = log Σ_j m_{ij} e^{S_{ij}}`` of each query row ([B, K, G, T]), both in at least
+  float32.
 
   With ``L`` the backward recomputes any block of probabilities exactly as
   ``P_ij = exp(S_ij − L_i)`` from ``q`` and ``k`` (one product per block): saving ``P`` would
   keep a ``T × S`` array per head, the memory this formulation exists to avoid. ``O`` gives
-  ``D_i = dO_i · O_i``, the row sums of the softmax backward, without revisiting the keys.
-  Both are differentiable functions of the inputs, so the rule can be differentiated again.
+  ``D_i = dO_i · O_i``, the row sums of the softmax backward, without revisiting the keys. It
+  is kept before its rounding to a half-precision input's dtype (for float32 and float64
+  inputs it is the output itself): every row of ``dS = P ∘ (dP − D)`` cancels, and a ``D``
+  from the rounded output would carry that rounding into every entry of ``dS``. Both are
+  differentiable functions of the inputs, so the rule can be differentiated again.
   """
   out, lse = _forward(config, q, k, v, mask)
-  return out, (q, k, v, mask, out, lse)
+  return out.astype(q.dtype), (q, k, v, mask, out, lse)
 
 
 def _attention_bwd(config, res, g):
@@ -232,7 +238,8 @@ def _attention_bwd(config, res, g):
   :math:`dV_κ = Σ_{n: n // G = κ} P_n^T dO_n`: the block products contract the group axis with
   the query rows. Every block visited by the forward is visited again, in the same order:
   ``dQ`` of a query block and ``dK``, ``dV`` of a key block accumulate in at least float32 over the
-  blocks they meet. A fully masked row has ``L = +∞``, so ``P = 0`` and its gradients are 0.
+  blocks they meet, and ``dS`` multiplies ``q`` and ``k`` in at least float32. A fully masked
+  row has ``L = +∞``, so ``P = 0`` and its gradients are 0.
   ``mask`` is not differentiable and gets ``None``.
   """
   q, k, v, mask, out, lse = res
@@ -243,7 +250,7 @@ def _attention_bwd(config, res, g):
   f32 = lse.dtype
   tp = blk.q.shape[3]
   do = pad(g.astype(q.dtype).reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4), 3, tp)
-  o = out.reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4).astype(f32)
+  o = out.reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4)
   delta = pad(jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4), 3, tp)
   lse = pad(lse, 3, tp)
   init = tuple(jnp.zeros_like(a, f32) for a in (blk.q, blk.k, blk.v))
@@ -255,12 +262,13 @@ def _attention_bwd(config, res, g):
     doi = rows(do, i, bq, 3)
     s = _scores(config, blk, qi, kj, i, j)
     p = jnp.exp(s - rows(lse, i, bq, 3)[..., None])
-    dv_j = lax.dot_general(p.astype(vj.dtype), doi, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+    dv_j = lax.dot_general(p, doi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
     dp = lax.dot_general(doi, vj, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=f32)
-    ds = (p * (dp - rows(delta, i, bq, 3)[..., None])).astype(qi.dtype)
-    dq_i = lax.dot_general(ds, kj, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
-    dk_j = lax.dot_general(ds, qi, (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+    ds = p * (dp - rows(delta, i, bq, 3)[..., None])
+    dq_i = lax.dot_general(ds, kj.astype(f32), (((4,), (2,)), ((0, 1), (0, 1))),
+                           preferred_element_type=f32)
+    dk_j = lax.dot_general(ds, qi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
     return (put(dq, rows(dq, i, bq, 3) + config.scale * dq_i, i, bq, 3),
             put(dk, rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
@@ -303,7 +311,7 @@ def dot_product_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
   e = jnp.exp(s - m)
   total = jnp.sum(e, axis=4, keepdims=True)
   p = e / jnp.where(total > 0, total, jnp.ones_like(total))
-  out = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v, preferred_element_type=acc)
+  out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(acc), preferred_element_type=acc)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 

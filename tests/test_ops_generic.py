@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+import jlayers
 from jlayers import testing
 from jlayers.grids import GRIDS
 
@@ -40,13 +41,14 @@ def test_public_checker_with_jit_vmap_and_dtypes(grid, case):
 
 @pytest.mark.parametrize("grid, case", REPRESENTATIVE)
 def test_check_grads_second_order_float64(grid, case):
-  with jax.enable_x64(True):
+  # Jitted, one compile per derivative order instead of one per primitive. The platform-
+  # dependent rules in their CPU formulation (what runs here): under jit with both staged, both
+  # would be differentiated, and JAX has no second derivative of a dilated select-and-gather
+  # (the native max-pool rule).
+  form = "cpu" if grid.platform_dependent else "auto"
+  with jax.enable_x64(True), jlayers.formulation(form):
     args = case.make(np.random.default_rng(1), jnp.float64)
-    f = testing.restrict(grid.manual, case, args)
-    # Jitted, one compile per derivative order instead of one per primitive. Eagerly for the
-    # platform-dependent rules: under jit both formulations are staged and differentiated, and
-    # JAX has no second derivative of a dilated select-and-gather (the native max-pool rule).
-    f = f if grid.platform_dependent else jax.jit(f)
+    f = jax.jit(testing.restrict(grid.manual, case, args))
     check_grads(f, tuple(args[i] for i in case.diff), order=2, modes=("rev",),
                 atol=1e-6, rtol=1e-6)
 
