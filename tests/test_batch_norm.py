@@ -1,4 +1,4 @@
-"""Op-specific checks for batch norm: the seed formula's error, edge cases, dtypes, errors."""
+"""Op-specific checks for batch norm: the diagonal-only slip, edge cases, dtypes, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,9 @@ def _inputs(shape=(6, 3), seed=0):
           jnp.asarray(rng.normal(0.0, 1.0, c)))
 
 
-def _seed_diagonal_only(x, gamma, g, eps):
-  """The seed notes' rule with its stray Y and dropped γ removed: ∂L/∂x_i = g_i ∂y_i/∂x_i,
-  i.e. only the diagonal of the Jacobian, γ·inv·(1 − 1/N − x̂_i²/N)."""
+def _diagonal_only(x, gamma, g, eps):
+  """A common slip, the diagonal-only rule: ∂L/∂x_i = g_i ∂y_i/∂x_i, i.e. only the diagonal of
+  the Jacobian, γ·inv·(1 − 1/N − x̂_i²/N)."""
   n = x.shape[0]
   mu = x.mean(0, keepdims=True)
   inv = 1 / jnp.sqrt(((x - mu) ** 2).mean(0, keepdims=True) + eps)
@@ -33,7 +33,7 @@ def test_diagonal_only_backward_disagrees_and_closed_form_agrees():
     g = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
     autodiff = jax.vjp(lambda x: jlayers.reference.batch_norm(x, gamma, beta)[0], x)[1](g)[0]
     manual = jax.vjp(lambda x: jlayers.batch_norm(x, gamma, beta)[0], x)[1](g)[0]
-    diag = _seed_diagonal_only(x, gamma, g, 1e-5)
+    diag = _diagonal_only(x, gamma, g, 1e-5)
     scale = float(jnp.max(jnp.abs(autodiff)))
     assert float(jnp.max(jnp.abs(manual - autodiff))) / scale < 1e-12
     assert float(jnp.max(jnp.abs(diag - autodiff))) / scale > 0.1

@@ -1,4 +1,4 @@
-"""Op-specific tests of conv2d: hand-computed values, the seed notes' stride-1 rule, padding
+"""Op-specific tests of conv2d: hand-computed values, the textbook stride-1 rule, padding
 semantics, argument errors (eager and jitted) and residuals. The 144-case grid against
 autodiff runs through tests/test_ops_generic.py."""
 
@@ -63,9 +63,9 @@ def test_golden_stride2_remainder_nchw(fn):
   np.testing.assert_allclose(dw[0, 0], [[3, 6], [12, 15]])
 
 
-def test_seed_notes_stride1_rule():
+def test_textbook_stride1_rule():
   """dX = full correlation of dY with the flipped kernel summed over output channels, and
-  dW = Σ_n valid correlation of X with dY (the seed notes' stride-1 formulas, in NumPy)."""
+  dW = Σ_n valid correlation of X with dY (the textbook stride-1 formulas, in NumPy)."""
   rng = np.random.default_rng(0)
   n, h, wd, c, f, k = 2, 5, 4, 3, 2, 3
   with jax.enable_x64(True):
