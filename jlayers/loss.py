@@ -30,7 +30,6 @@ def _validate_int(logits, labels, axis, where, label_smoothing):
           _checks.real(_OP, "label_smoothing", label_smoothing, 0, 1))
 
 
-
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.Array, labels: jax.Array, *, axis: int = -1, where: jax.Array | None = None,
     label_smoothing: float = 0.0) -> jax.Array:

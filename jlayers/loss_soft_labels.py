@@ -25,7 +25,6 @@ def _validate_prob(logits, labels, axis, where):
   return logits, labels, axis, _logits.where_mask(_OP, where, logits, axis)
 
 
-
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, axis: int = -1,
                           where: jax.Array | None = None) -> jax.Array:
   r"""Per-example softmax cross-entropy against probability labels, with a manual VJP.

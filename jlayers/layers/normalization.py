@@ -24,7 +24,6 @@ from jlayers.layers.base import Initializer, Layer
 from jlayers.normalization import group_norm_op, layer_norm_op, rms_norm_op
 
 
-
 def _axes_field(where, value):
   """``axis`` as given (an int or a tuple of ints), checked without knowing the rank."""
   if _checks.is_int(value):
