@@ -38,7 +38,7 @@ _PATCH_BYTES = 2 << 20
 
 def _images_per_step(batch: int, per_image: int, x_bytes: int) -> int:
   """Images per dW step: as many as fit the budget, spread evenly over the fewest steps (the
-  batch is then padded to ``steps · chunk``); one image when its patches alone exceed the
+  last step overlaps the one before where they do not divide the batch); one image when its patches alone exceed the
   budget but not the size of ``x`` (the transposed copy the convolution would make); 0 (use
   the convolution) otherwise, and for an empty batch."""
   most = max(_PATCH_BYTES // max(per_image, 1), int(per_image <= x_bytes))

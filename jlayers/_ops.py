@@ -19,10 +19,6 @@ from typing import Any
 
 from jlayers import _checks
 
-IMPLS = _checks.IMPLS
-"""``"manual"``: the ``custom_vjp`` rules; ``"autodiff"``: the plain-jnp reference twins."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Op:
   """An op: its hand-written rule and its autodiff twin (the same signature and forward).

@@ -28,6 +28,12 @@ def explicit(x) -> bool:
   return mesh is not None and not mesh.empty and bool(mesh.explicit_axes)
 
 
+def _full_spec(x) -> tuple:
+  """``x``'s partition spec with one entry per axis (``None`` for the unnamed trailing ones)."""
+  spec = tuple(jax.typeof(x).sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
 def like(x):
   """``x``'s sharding, to pass as ``out_sharding=`` for a result laid out as ``x`` (a weight
   gradient laid out as the weight), or ``None`` where types carry no sharding."""
@@ -44,8 +50,7 @@ def spec_like(x, shape, axes=None):
   """
   if not explicit(x):
     return None
-  spec = tuple(jax.typeof(x).sharding.spec)
-  spec += (None,) * (x.ndim - len(spec))
+  spec = _full_spec(x)
   axes = tuple(range(len(shape))) if axes is None else tuple(axes)
   axes += (None,) * (len(shape) - len(axes))
   return P(*(spec[a] if a is not None and shape[i] == x.shape[a] else None
@@ -74,10 +79,9 @@ def lookup(ids, table_sharding):
   ambiguous); else ``None``."""
   if not explicit(ids):
     return None
-  sharding = jax.typeof(ids).sharding
-  spec = tuple(sharding.spec) + (None,) * (ids.ndim - len(sharding.spec))
   features = None if table_sharding is None else tuple(table_sharding.spec)[1:2]
-  return NamedSharding(sharding.mesh, P(*spec, *(features or (None,))))
+  return NamedSharding(jax.typeof(ids).sharding.mesh,
+                       P(*_full_spec(ids), *(features or (None,))))
 
 
 def merged_spec(x, merges: tuple[int, ...]):
@@ -86,8 +90,7 @@ def merged_spec(x, merges: tuple[int, ...]):
   (for the reshape's ``out_sharding``), where the types carry shardings; else ``None``."""
   if not explicit(x):
     return None
-  spec = tuple(jax.typeof(x).sharding.spec)
-  spec += (None,) * (x.ndim - len(spec))
+  spec = _full_spec(x)
   entries, i = [], 0
   for n in merges:
     entries.append(spec[i] if n == 1 else None)

@@ -326,9 +326,7 @@ def _compare(manual, reference, case, make, dtype, *, name, rtol, seed, vmap, dt
     for out_m, g_m in got:
       forward = _worse(forward, worst(out_m, out_r))
       grads = {i: _worse(grads[i], worst(a, b)) for i, a, b in zip(case.diff, g_m, g_r)}
-      problems += tuple(f"{dtype} gradient of argument {i} is {g.dtype}{list(g.shape)}"
-                        for i, p, g in zip(case.diff, primals, g_m)
-                        if g.dtype != p.dtype or g.shape != p.shape)
+      problems += _wrong_gradients(case, primals, g_m, f"{dtype} ")
     vmap_error = _vmap_error(manual, reference, case, args, primals, cot, rng) if vmap else None
   if dtype_args is not None:
     problems += _dtype_problems(manual, case, dtype_args)
@@ -363,12 +361,14 @@ def _dtype_problems(manual, case, args) -> tuple[str, ...]:
     out, pullback = jax.vjp(restrict(manual, case, args), *primals)
     return pullback(jax.tree_util.tree_map(jnp.ones_like, out))
 
-  problems = []
-  for i, p, g in zip(case.diff, primals, jax.eval_shape(grads, primals)):
-    if g.dtype != p.dtype or g.shape != p.shape:
-      problems.append(f"gradient of argument {i} is {g.dtype}{list(g.shape)} for an argument "
-                      f"{p.dtype}{list(p.shape)}")
-  return tuple(problems)
+  return _wrong_gradients(case, primals, jax.eval_shape(grads, primals))
+
+
+def _wrong_gradients(case, primals, grads, what: str = "") -> tuple[str, ...]:
+  """The gradients (arrays or shapes) whose dtype or shape differ from their argument's."""
+  return tuple(f"{what}gradient of argument {i} is {g.dtype}{list(g.shape)} for an argument "
+               f"{p.dtype}{list(p.shape)}" for i, p, g in zip(case.diff, primals, grads)
+               if g.dtype != p.dtype or g.shape != p.shape)
 
 
 def _floating(a) -> bool:
