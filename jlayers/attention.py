@@ -2,96 +2,64 @@
 
 The forward runs over blocks of queries and keys with an online softmax and keeps, besides
 its inputs and output, one log-sum-exp per query row (float32 or wider); the backward recomputes the
-probabilities block by block. No array of ``T × S`` scores ever exists, in either pass.
+probabilities block by block. No array of ``T × S`` scores ever exists, in either pass: the
+causal mask, local windows, segment ids and sequence lengths are evaluated per block
+(:mod:`jlayers._attention_blocks`), and blocks they hide entirely are skipped.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jlayers import _attention_blocks as _blocks
 from jlayers import _checks, _ops
-from jlayers._attention_blocks import block_size, blocks, head_major_mask, pad, put, rows
-
-_OP = "dot_product_attention"
-
-class _Config(NamedTuple):
-  """Static configuration (hashable; goes in ``nondiff_argnums``)."""
-
-  causal: bool
-  scale: float
-  block_q: int
-  block_k: int
+from jlayers._attention_args import validate
+from jlayers._attention_blocks import blocks, pad, put, reduce_to, rows, visible
 
 
-def _validate(q, k, v, mask, causal, scale):
-  q, k, v = (_checks.floating(_OP, n, a) for n, a in (("q", q), ("k", k), ("v", v)))
-  for name, a, what in (("q", q, "(B, T, N, H)"), ("k", k, "(B, S, K, H)"),
-                        ("v", v, "(B, S, K, H)")):
-    _checks.rank(_OP, name, a, 4, what)
-  if not q.dtype == k.dtype == v.dtype:
-    raise TypeError(f"{_OP}: q, k and v must have one dtype, got {q.dtype}, {k.dtype} and "
-                    f"{v.dtype}")
-  b, t, n, h = q.shape
-  if k.shape[0] != b or k.shape[3] != h:
-    raise ValueError(f"{_OP}: k must have shape (B, S, K, H) with q's B={b} and H={h}, got "
-                     f"{tuple(k.shape)} for q {tuple(q.shape)}")
-  _checks.shape(_OP, "v", v, k.shape, "(k's shape)")
-  heads = k.shape[2]
-  if heads == 0 or n % heads:
-    raise ValueError(f"{_OP}: q's heads (N={n}) must be a multiple of k's and v's heads "
-                     f"(K={heads}), got q {tuple(q.shape)} and k {tuple(k.shape)}")
-  s = k.shape[1]
-  if mask is not None:
-    mask = _checks.as_array(_OP, "mask", mask)
-    if mask.dtype != jnp.bool_:
-      raise TypeError(f"{_OP}: mask must have dtype bool, got {mask.dtype}")
-    full = (b, n, t, s)
-    if mask.ndim != 4 or any(m not in (1, f) for m, f in zip(mask.shape, full)):
-      raise ValueError(f"{_OP}: mask must have rank 4 and broadcast to (B, N, T, S) = {full} "
-                       f"(each dimension 1 or that size), got shape {tuple(mask.shape)}")
-  causal = _checks.flag(_OP, "causal", causal)
-  scale = _checks.optional_finite(_OP, "scale", scale)
-  if scale is None:
-    scale = 1.0 / math.sqrt(h) if h else 1.0
-  config = _Config(bool(causal), float(scale), block_size(t), block_size(s))
-  return q, k, v, mask, config
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          mask: jax.Array | None = None, causal: bool = False,
-                          scale: float | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+    causal: bool = False, scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None, logits_soft_cap: float | None = None,
+    q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+    query_seq_lengths: jax.Array | None = None, key_value_seq_lengths: jax.Array | None = None,
+    bias: jax.Array | None = None, sinks: jax.Array | None = None,
+    return_residual: bool = False):
   r"""Scaled dot-product attention with grouped-query heads, in linear memory, with a manual
   VJP.
 
   For batch ``b``, query head ``n`` and its key/value head ``κ = n // (N/K)``:
 
   .. math::
-    S_{ij} = \mathrm{scale} · q_i · k_j, \qquad
-    P_{ij} = \frac{m_{ij} e^{S_{ij}}}{Σ_l m_{il} e^{S_{il}}}, \qquad
-    O_i = Σ_j P_{ij} v_j
+    z_{ij} = \mathrm{scale} · q_i · k_j + β_{ij}, \qquad
+    S_{ij} = c \tanh(z_{ij} / c) \ \text{(with a soft cap } c\text{; else } S = z),
 
-  with ``m`` the mask (``mask`` and, with ``causal``, ``j ≤ i``). As
-  ``jax.nn.dot_product_attention`` and PyTorch: ``causal`` is top-left aligned when
-  ``T ≠ S`` (query ``i`` sees keys ``0..i``), and ``N`` query heads share ``K`` key/value
-  heads (``N = K``: multi-head; ``K = 1``: multi-query). A query row whose every key is
-  masked gets output 0 and gradient 0 (never NaN); so does every row when ``S = 0``. An empty
+    P_{ij} = \frac{m_{ij} e^{S_{ij}}}{e^{σ_n} + Σ_l m_{il} e^{S_{il}}}, \qquad
+    O_i = Σ_j P_{ij} v_j, \qquad L_i = \log\big(e^{σ_n} + Σ_l m_{il} e^{S_{il}}\big)
+
+  with ``β`` the bias, ``σ`` the sink of head ``n`` (absent: no such term) and ``m`` the
+  visibility of key ``j`` to query ``i``: the ``mask``; with ``causal``, ``j ≤ i``; with a
+  window ``(left, right)``, ``i − left ≤ j ≤ i + right``; with segment ids, keys of the query's
+  segment only; with sequence lengths, ``i < query_seq_lengths[b]`` and
+  ``j < key_value_seq_lengths[b]``. As ``jax.nn.dot_product_attention`` and PyTorch:
+  ``causal`` and the window are top-left aligned when ``T ≠ S`` (query ``i`` against key
+  ``j``), and ``N`` query heads share ``K`` key/value heads (``N = K``: multi-head; ``K = 1``:
+  multi-query). A row that sees no key gets output 0 and gradient 0 (never NaN), and a
+  log-sum-exp of ``-inf`` (``σ_n`` with a sink); so does every row when ``S = 0``. An empty
   output (``B``, ``T``, ``N`` or ``H`` of 0) is returned as such, with empty gradients.
 
   The forward visits blocks of queries × keys (sizes chosen per sequence length in
-  :mod:`jlayers._attention_blocks`) with an online softmax (a running maximum and sum per
-  query row), skipping blocks entirely above the diagonal when ``causal``; it saves ``q``,
-  ``k``, ``v``, the output and one log-sum-exp per query row (float32, or float64 for float64
-  inputs). Scores, probabilities and every product's accumulation are in at least float32;
-  for half-precision inputs the scores are exact products of the inputs, and the
-  probabilities multiply ``v`` (and the backward's ``dS`` multiplies ``q`` and ``k``) without
-  being rounded to the inputs' dtype, as autodiff of the twin does: each row of the softmax's
-  backward cancels, and that rounding would leave errors as large as the terms that cancel.
+  :mod:`jlayers._attention_blocks`) with an online softmax, skipping blocks that the causal
+  mask and the window hide entirely (the time grows with ``T · window``, not ``T · S``); it
+  saves the inputs, the output and one log-sum-exp per query row (float32, or float64 for
+  float64 inputs). Scores, probabilities and every accumulation are in at least float32: for
+  half-precision inputs the probabilities multiply ``v`` (and the backward's ``dS``, ``q`` and
+  ``k``) unrounded, as autodiff of the twin does, since each row of the softmax's backward
+  cancels and that rounding would leave errors as large as the terms that cancel.
 
   Args:
     q: float[B, T, N, H], queries.
@@ -99,11 +67,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     v: float[B, S, K, H], values; one dtype for ``q``, ``k``, ``v``.
     mask: optional bool of rank 4 broadcastable to [B, N, T, S] (each dimension 1 or the
       full size): True where query ``i`` may attend key ``j``. Not differentiable.
-    causal: also mask keys after the query (``j > i``); static.
+    causal: also hide keys after the query (``j > i``); static.
     scale: the score scale, a float; default ``1/√H``; static.
+    local_window_size: ``None``, an int ``w`` (the window ``(w, w)``) or ``(left, right)``:
+      query ``i`` sees keys ``i − left ≤ j ≤ i + right``; static.
+    logits_soft_cap: ``None`` or a positive float ``c``: the scores (scaled, bias added)
+      become ``c · tanh(z / c)`` (Gemma 2); static.
+    q_segment_ids: optional int[B, T]: a query sees only keys of its own segment (sequences
+      packed in one row). Not differentiable.
+    kv_segment_ids: optional int[B, S]; default ``q_segment_ids`` (which needs ``S = T``).
+    query_seq_lengths: optional int[B]: rows ``i ≥`` the length see no key (output 0).
+    key_value_seq_lengths: optional int[B]: keys ``j ≥`` the length are hidden.
+    bias: optional float of rank 4 broadcastable to [B, N, T, S] (each dimension 1 or the full
+      size), added to the scaled scores (ALiBi, relative position biases); differentiable, its
+      gradient summed over its broadcast dimensions block by block.
+    sinks: optional float[N]: one logit per query head that joins every row's softmax
+      denominator and attends to nothing; differentiable.
+    return_residual: also return the log-sum-exp ``L``; static.
 
   Returns:
-    float[B, T, N, H] in the inputs' dtype.
+    float[B, T, N, H] in the inputs' dtype; with ``return_residual``, the pair of it and
+    ``L``, float[B, T, N] in float32 (float64 for float64 inputs), differentiable too.
 
   Examples:
     >>> import jax.numpy as jnp, jlayers
@@ -114,54 +98,59 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     [[2.0, 3.0], [2.0, 3.0]]
     >>> jlayers.dot_product_attention(q, k, v, causal=True)[0, :, 0].tolist()
     [[0.0, 1.0], [1.0, 2.0]]
+    >>> jlayers.dot_product_attention(q, k, v, local_window_size=(0, 0))[0, :, 0].tolist()
+    [[0.0, 1.0], [2.0, 3.0]]
   """
-  q, k, v, mask, config = _validate(q, k, v, mask, causal, scale)
+  q, k, v, extras, config, residual = validate(
+      q, k, v, mask=mask, causal=causal, scale=scale, local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, bias=bias, sinks=sinks,
+      return_residual=return_residual)
   if q.size == 0 or k.shape[1] == 0:  # an empty output, or no key to see: every row is empty
-    return jnp.zeros_like(q)
-  return _attention(config, q, k, v, mask)
+    out, lse = _blocks.empty(q, extras.sinks)
+  else:
+    out, lse = _attention(config, q, k, v, extras)
+  return (out, lse) if residual else out
 
 
 def _scores(config, blk, qi, kj, i, j):
-  """``scale · q_i k_jᵀ`` of one block, [B, K, G, bq, bk] in at least float32, masked to
-  ``-inf``."""
+  """The scores ``S`` of one block, [B, K, G, bq, bk] in at least float32, hidden entries at
+  ``-inf``, and ``tanh(z / c)`` when soft-capped (the backward's chain factor), else None."""
+  f32 = _checks.at_least_float32(qi.dtype)
   s = lax.dot_general(qi, kj, (((4,), (3,)), ((0, 1), (0, 1))),
-                      preferred_element_type=_checks.at_least_float32(qi.dtype)) * config.scale
-  shape = (1, 1, 1, config.block_q, config.block_k)
-  valid = None
-  if config.causal or blk.k.shape[2] != blk.s:
-    cols = j * config.block_k + lax.broadcasted_iota(jnp.int32, shape, 4)
-    valid = cols < blk.s
-    if config.causal:
-      valid = valid & (cols <= i * config.block_q + lax.broadcasted_iota(jnp.int32, shape, 3))
-  if blk.mask is not None:
-    m = rows(rows(blk.mask, i, config.block_q, 3), j, config.block_k, 4)
-    valid = m if valid is None else valid & m
-  return s if valid is None else jnp.where(valid, s, -jnp.inf)
+                      preferred_element_type=f32) * config.scale
+  if blk.bias is not None:
+    s = s + rows(rows(blk.bias, i, config.block_q, 3), j, config.block_k, 4).astype(f32)
+  tanh = None
+  if config.soft_cap is not None:
+    tanh = jnp.tanh(s / config.soft_cap)
+    s = config.soft_cap * tanh
+  valid = visible(config, blk, i, j)
+  return (s if valid is None else jnp.where(valid, s, -jnp.inf)), tanh
 
 
-def _safe_max(m):
-  """A running maximum with ``-inf`` (no key seen yet) replaced by 0, so that ``s − m`` and
-  ``m_old − m`` are never ``-inf − (-inf)``."""
-  return jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-
-
-def _forward(config, q, k, v, mask):
-  """``(output [B, T, N, H], log-sum-exp [B, K, G, T])``, both in at least float32."""
-  blk = blocks(config, q, k, v, mask)
+def _forward(config, q, k, v, extras):
+  """``(output [B, T, N, H], log-sum-exp [B, K, G, T])``, both in at least float32; a row that
+  sees nothing (and has no sink) has the log-sum-exp ``+inf``, so that ``exp(S − L)`` is 0."""
+  blk = blocks(config, q, k, v, extras)
   bq, bk = config.block_q, config.block_k
   f32 = _checks.at_least_float32(q.dtype)
   # Zeros laid out as the blocks (batch-split on a mesh), so the loop's carry keeps its type.
   row = jnp.zeros_like(blk.q[..., 0], f32)
-  init = (row - jnp.inf, row, jnp.zeros_like(blk.q, f32))
+  if extras.sinks is None:
+    init = (row - jnp.inf, row, jnp.zeros_like(blk.q, f32))
+  else:  # the sink is a first "key" with score σ and no value: max σ, sum e^{σ−σ} = 1
+    init = (row + _blocks.head_major_sinks(extras.sinks, k, f32), row + 1, jnp.zeros_like(blk.q, f32))
 
   def step(carry, ij):
     m, l, acc = carry
     i, j = ij
     qi = rows(blk.q, i, bq, 3)
-    s = _scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
+    s, _ = _scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
     m_old, l_old, acc_old = rows(m, i, bq, 3), rows(l, i, bq, 3), rows(acc, i, bq, 3)
     m_new = jnp.maximum(m_old, jnp.max(s, axis=4))
-    m_safe = _safe_max(m_new)
+    m_safe = _blocks.safe_max(m_new)
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m_old - m_safe)
     pv = lax.dot_general(p, rows(blk.v, j, bk, 2).astype(f32),
@@ -174,9 +163,7 @@ def _forward(config, q, k, v, mask):
   (m, l, acc), _ = lax.scan(step, init, blk.pairs)
   seen = l > 0
   out = acc / jnp.where(seen, l, jnp.ones_like(l))[..., None]
-  # A row with every key masked: output 0 and a log-sum-exp of +inf, so that the backward's
-  # exp(S − L) is 0 there.
-  lse = jnp.where(seen, _safe_max(m) + jnp.log(jnp.where(seen, l, jnp.ones_like(l))),
+  lse = jnp.where(seen, _blocks.safe_max(m) + jnp.log(jnp.where(seen, l, jnp.ones_like(l))),
                   jnp.full_like(l, jnp.inf))
   b, t, n, h = q.shape
   out = out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
@@ -184,66 +171,77 @@ def _forward(config, q, k, v, mask):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(config, q, k, v, mask):
-  return _forward(config, q, k, v, mask)[0].astype(q.dtype)
+def _attention(config, q, k, v, extras):
+  out, lse = _forward(config, q, k, v, extras)
+  return out.astype(q.dtype), _blocks.public_lse(lse, q)
 
 
-def _attention_fwd(config, q, k, v, mask):
-  """Saves ``q``, ``k``, ``v`` and ``mask`` (inputs), the output ``O`` and the log-sum-exp
-  ``L_i = log Σ_j m_{ij} e^{S_{ij}}`` of each query row ([B, K, G, T]), both in at least
-  float32.
+def _attention_fwd(config, q, k, v, extras):
+  """Saves ``q``, ``k``, ``v`` and the optional arrays (inputs), the output ``O`` and the
+  log-sum-exp ``L_i`` of each query row ([B, K, G, T]), both in at least float32.
 
   With ``L`` the backward recomputes any block of probabilities exactly as
   ``P_ij = exp(S_ij − L_i)`` from ``q`` and ``k`` (one product per block): saving ``P`` would
-  keep a ``T × S`` array per head, the memory this formulation exists to avoid. ``O`` gives
+  keep a ``T × S`` array per head, the memory this formulation exists to avoid, and so would
+  saving the soft cap's ``tanh``, which the backward recomputes with the scores. ``O`` gives
   ``D_i = dO_i · O_i``, the row sums of the softmax backward, without revisiting the keys. It
-  is kept before its rounding to a half-precision input's dtype (for float32 and float64
-  inputs it is the output itself): every row of ``dS = P ∘ (dP − D)`` cancels, and a ``D``
-  from the rounded output would carry that rounding into every entry of ``dS``. Both are
-  differentiable functions of the inputs, so the rule can be differentiated again.
+  is kept unrounded for half-precision inputs: every row of ``dS = P ∘ (dP − D)`` cancels,
+  and a ``D`` from the rounded output would carry that rounding into every entry of ``dS``.
   """
-  out, lse = _forward(config, q, k, v, mask)
-  return out.astype(q.dtype), (q, k, v, mask, out, lse)
+  out, lse = _forward(config, q, k, v, extras)
+  return (out.astype(q.dtype), _blocks.public_lse(lse, q)), (q, k, v, extras, out, lse)
 
 
-def _attention_bwd(config, res, g):
+def _attention_bwd(config, res, cts):
   r"""Backward of attention from ``q``, ``k``, ``v``, ``O`` and ``L``, block by block.
 
-  For one batch and query head, with ``dO = ∂L/∂O`` and ``P_ij = exp(S_ij − L_i)``:
+  For one batch and query head, with ``dO = ∂ℓ/∂O``, ``\bar L = ∂ℓ/∂L`` (0 unless the
+  log-sum-exp is returned and used) and ``P_ij = exp(S_ij − L_i)``:
 
   1. ``O_i = Σ_j P_ij v_j``, linear in ``v`` and in ``P``:
 
      .. math::
-       \frac{∂L}{∂v_j} = Σ_i P_{ij}\, dO_i \quad (dV = P^T dO), \qquad
-       dP_{ij} = \frac{∂L}{∂P_{ij}} = dO_i · v_j \quad (dP = dO\, V^T)
+       \frac{∂ℓ}{∂v_j} = Σ_i P_{ij}\, dO_i \quad (dV = P^T dO), \qquad
+       dP_{ij} = \frac{∂ℓ}{∂P_{ij}} = dO_i · v_j \quad (dP = dO\, V^T)
 
   2. The softmax of row ``i`` has Jacobian :math:`∂P_{ij}/∂S_{il} = P_{ij}(δ_{jl} - P_{il})`
-     (0 for masked entries, where ``P = 0``), so
+     (0 for hidden entries, where ``P = 0``; the sink's term in the denominator changes
+     nothing here), and :math:`∂L_i/∂S_{il} = P_{il}`, so
 
      .. math::
-       dS_{il} = Σ_j dP_{ij} P_{ij} (δ_{jl} - P_{il}) = P_{il} (dP_{il} - D_i), \qquad
-       D_i = Σ_j P_{ij} dP_{ij} = dO_i · Σ_j P_{ij} v_j = dO_i · O_i
+       dS_{il} = Σ_j dP_{ij} P_{ij} (δ_{jl} - P_{il}) + \bar L_i P_{il}
+               = P_{il} (dP_{il} - δ_i), \qquad
+       δ_i = D_i - \bar L_i, \quad D_i = Σ_j P_{ij} dP_{ij} = dO_i · O_i
 
      ``D`` is a row sum of ``dO ∘ O``: no pass over the keys is needed for it.
-  3. ``S_ij = scale · q_i · k_j``:
+  3. The soft cap ``S = c tanh(z / c)`` has :math:`dS/dz = 1 - \tanh^2(z/c)`, so
+     ``dz = dS ∘ (1 − tanh²(z/c))`` (``dz = dS`` without a cap); ``tanh`` is recomputed with
+     the block's scores.
+  4. ``z_ij = scale · q_i · k_j + β_ij``:
 
      .. math::
-       \frac{∂L}{∂q_i} = \mathrm{scale}\, Σ_j dS_{ij} k_j \quad (dQ = \mathrm{scale}\, dS\, K),
-       \qquad \frac{∂L}{∂k_j} = \mathrm{scale}\, Σ_i dS_{ij} q_i
-       \quad (dK = \mathrm{scale}\, dS^T Q)
+       \frac{∂ℓ}{∂q_i} = \mathrm{scale}\, Σ_j dz_{ij} k_j \quad (dQ = \mathrm{scale}\, dz\, K),
+       \qquad \frac{∂ℓ}{∂k_j} = \mathrm{scale}\, Σ_i dz_{ij} q_i
+       \quad (dK = \mathrm{scale}\, dz^T Q), \qquad \frac{∂ℓ}{∂β_{ij}} = dz_{ij}
 
-  Grouped-query heads: key/value head ``κ`` enters the scores and outputs of its ``G = N/K``
-  query heads, so its gradients add over them,
-  :math:`dK_κ = \mathrm{scale} Σ_{n: n // G = κ} dS_n^T Q_n` and
-  :math:`dV_κ = Σ_{n: n // G = κ} P_n^T dO_n`: the block products contract the group axis with
-  the query rows. Every block visited by the forward is visited again, in the same order:
-  ``dQ`` of a query block and ``dK``, ``dV`` of a key block accumulate in at least float32 over the
-  blocks they meet, and ``dS`` multiplies ``q`` and ``k`` in at least float32. A fully masked
-  row has ``L = +∞``, so ``P = 0`` and its gradients are 0.
-  ``mask`` is not differentiable and gets ``None``.
+     and a bias broadcast along batch, heads, queries or keys gets ``dz`` summed along
+     them, block by block, into an accumulator of the bias's own shape.
+  5. The sink ``σ`` of head ``n`` enters only the denominators: with
+     ``P_{σi} = exp(σ − L_i)``, :math:`∂P_{ij}/∂σ = -P_{ij} P_{σi}`, so
+     :math:`∂O_i/∂σ = -P_{σi} O_i` and :math:`∂L_i/∂σ = P_{σi}`, and
+
+     .. math::
+       \frac{∂ℓ}{∂σ} = Σ_{b, i} P_{σi} (\bar L_i - dO_i · O_i) = -Σ_{b, i} P_{σi} δ_i
+
+  Grouped-query heads: key/value head ``κ`` serves ``G = N/K`` query heads, so its gradients
+  add over them (the block products contract the group axis with the query rows). Every block
+  the forward visited is visited again, in the same order, accumulating ``dQ``, ``dK``, ``dV``
+  in at least float32. A row that sees no key (and has no sink) has ``L = +∞``, so ``P = 0``
+  and its gradients are 0. ``mask``, segment ids and lengths are not differentiable.
   """
-  q, k, v, mask, out, lse = res
-  blk = blocks(config, q, k, v, mask)
+  q, k, v, extras, out, lse = res
+  g, g_lse = cts
+  blk = blocks(config, q, k, v, extras)
   bq, bk = config.block_q, config.block_k
   b, t, n, h = q.shape
   heads, g_size = k.shape[2], n // k.shape[2]
@@ -251,69 +249,113 @@ def _attention_bwd(config, res, g):
   tp = blk.q.shape[3]
   do = pad(g.astype(q.dtype).reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4), 3, tp)
   o = out.reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4)
-  delta = pad(jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4), 3, tp)
-  lse = pad(lse, 3, tp)
+  lse_bar = g_lse.astype(f32).reshape(b, t, heads, g_size).transpose(0, 2, 3, 1)
+  delta = jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4) - lse_bar
+  lse_p, delta_p = pad(lse, 3, tp), pad(delta, 3, tp)
   init = tuple(jnp.zeros_like(a, f32) for a in (blk.q, blk.k, blk.v))
+  if blk.bias is not None:
+    init += (jnp.zeros_like(blk.bias, f32),)
 
   def step(carry, ij):
-    dq, dk, dv = carry
+    dq, dk, dv = carry[:3]
     i, j = ij
     qi, kj, vj = rows(blk.q, i, bq, 3), rows(blk.k, j, bk, 2), rows(blk.v, j, bk, 2)
     doi = rows(do, i, bq, 3)
-    s = _scores(config, blk, qi, kj, i, j)
-    p = jnp.exp(s - rows(lse, i, bq, 3)[..., None])
+    s, tanh = _scores(config, blk, qi, kj, i, j)
+    p = jnp.exp(s - rows(lse_p, i, bq, 3)[..., None])
     dv_j = lax.dot_general(p, doi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
     dp = lax.dot_general(doi, vj, (((4,), (3,)), ((0, 1), (0, 1))), preferred_element_type=f32)
-    ds = p * (dp - rows(delta, i, bq, 3)[..., None])
-    dq_i = lax.dot_general(ds, kj.astype(f32), (((4,), (2,)), ((0, 1), (0, 1))),
+    dz = p * (dp - rows(delta_p, i, bq, 3)[..., None])
+    if tanh is not None:
+      dz = dz * (1 - tanh * tanh)
+    dq_i = lax.dot_general(dz, kj.astype(f32), (((4,), (2,)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
-    dk_j = lax.dot_general(ds, qi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
+    dk_j = lax.dot_general(dz, qi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
-    return (put(dq, rows(dq, i, bq, 3) + config.scale * dq_i, i, bq, 3),
-            put(dk, rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
-            put(dv, rows(dv, j, bk, 2) + dv_j, j, bk, 2)), None
+    new = (put(dq, rows(dq, i, bq, 3) + config.scale * dq_i, i, bq, 3),
+           put(dk, rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
+           put(dv, rows(dv, j, bk, 2) + dv_j, j, bk, 2))
+    if blk.bias is not None:
+      db = carry[3]
+      slab = rows(db, i, bq, 3)
+      block = rows(slab, j, bk, 4)
+      new += (put(db, put(slab, block + reduce_to(dz, block.shape), j, bk, 4), i, bq, 3),)
+    return new, None
 
-  (dq, dk, dv), _ = lax.scan(step, init, blk.pairs)
+  grads, _ = lax.scan(step, init, blk.pairs)
+  dq, dk, dv = grads[:3]
   s = k.shape[1]
   dq = dq[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
   dk = dk[:, :, :s].transpose(0, 2, 1, 3).astype(k.dtype)
   dv = dv[:, :, :s].transpose(0, 2, 1, 3).astype(v.dtype)
-  return dq, dk, dv, None
+  dbias = dsinks = None
+  if extras.bias is not None:  # drop the padding
+    _, _, mt, ms = extras.bias.shape
+    dbias = grads[3][:, :, :, :mt, :ms].reshape(extras.bias.shape).astype(extras.bias.dtype)
+  if extras.sinks is not None:
+    p_sink = jnp.exp(_blocks.head_major_sinks(extras.sinks, k, f32) - lse)
+    dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(n).astype(extras.sinks.dtype)
+  return dq, dk, dv, extras._replace(mask=None, bias=dbias, sinks=dsinks, q_segment_ids=None,
+                                     kv_segment_ids=None, query_seq_lengths=None,
+                                     key_value_seq_lengths=None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def dot_product_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                                    mask: jax.Array | None = None, causal: bool = False,
-                                    scale: float | None = None) -> jax.Array:
-  """Autodiff twin of :func:`dot_product_attention`: the plain ``softmax(scale · q kᵀ) v``
-  with the whole ``[B, K, G, T, S]`` score array, its maximum under ``stop_gradient`` (softmax
-  is shift-invariant), masked entries selected to probability 0 and fully masked rows to 0."""
-  q, k, v, mask, config = _validate(q, k, v, mask, causal, scale)
+def dot_product_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+    causal: bool = False, scale: float | None = None,
+    local_window_size: int | tuple[int, int] | None = None, logits_soft_cap: float | None = None,
+    q_segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+    query_seq_lengths: jax.Array | None = None, key_value_seq_lengths: jax.Array | None = None,
+    bias: jax.Array | None = None, sinks: jax.Array | None = None,
+    return_residual: bool = False):
+  """Autodiff twin of :func:`dot_product_attention`: the plain ``softmax(S) v`` with the whole
+  ``[B, K, G, T, S]`` score array, every visibility condition built as a whole ``T × S`` mask,
+  the sink added to the denominator, the maximum under ``stop_gradient`` (softmax and
+  log-sum-exp are shift-invariant), hidden entries selected to probability 0 and rows that
+  see nothing to 0."""
+  q, k, v, ex, config, residual = validate(
+      q, k, v, mask=mask, causal=causal, scale=scale, local_window_size=local_window_size,
+      logits_soft_cap=logits_soft_cap, q_segment_ids=q_segment_ids,
+      kv_segment_ids=kv_segment_ids, query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths, bias=bias, sinks=sinks,
+      return_residual=return_residual)
   if q.size == 0 or k.shape[1] == 0:
-    return jnp.zeros_like(q)
+    out, lse = _blocks.empty(q, ex.sinks)
+    return (out, lse) if residual else out
   b, t, n, h = q.shape
   s_len, heads = k.shape[1], k.shape[2]
-  g = n // heads
-  qh = q.reshape(b, t, heads, g, h)
   acc = _checks.at_least_float32(q.dtype)
-  s = jnp.einsum("btkgh,bskh->bkgts", qh, k, preferred_element_type=acc) * config.scale
-  valid = None if mask is None else head_major_mask(mask, q, heads)
-  if config.causal:
-    tril = (jnp.arange(s_len).reshape(1, s_len) <= jnp.arange(t).reshape(t, 1))
-    tril = tril.reshape(1, 1, 1, t, s_len)
-    valid = tril if valid is None else valid & tril
-  if valid is not None:
-    s = jnp.where(valid, s, -jnp.inf)
-  m = lax.stop_gradient(_safe_max(jnp.max(s, axis=4, keepdims=True)))
-  e = jnp.exp(s - m)
+  z = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, heads, n // heads, h), k,
+                 preferred_element_type=acc) * config.scale
+  if ex.bias is not None:
+    z = z + _blocks.head_major(ex.bias, q, heads).astype(acc)
+  if config.soft_cap is not None:
+    z = config.soft_cap * jnp.tanh(z / config.soft_cap)
+  valid = _blocks.dense_visibility(config, ex, q, s_len, heads)
+  for c in valid:
+    z = jnp.where(c, z, -jnp.inf)
+  m = jnp.max(z, axis=4, keepdims=True)
+  if ex.sinks is not None:
+    sink = _blocks.head_major_sinks(ex.sinks, k, acc)[..., None]
+    m = jnp.maximum(m, sink)
+  m = lax.stop_gradient(_blocks.safe_max(m))
+  e = jnp.exp(z - m)
   total = jnp.sum(e, axis=4, keepdims=True)
-  p = e / jnp.where(total > 0, total, jnp.ones_like(total))
+  if ex.sinks is not None:
+    total = total + jnp.exp(sink - m)
+  some = total > 0
+  p = e / jnp.where(some, total, jnp.ones_like(total))
   out = jnp.einsum("bkgts,bskh->btkgh", p, v.astype(acc), preferred_element_type=acc)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  out = out.reshape(b, t, n, h).astype(q.dtype)
+  if not residual:
+    return out
+  lse = jnp.where(some, m + jnp.log(jnp.where(some, total, jnp.ones_like(total))), -jnp.inf)
+  return out, lse[..., 0].transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
-dot_product_attention_op = _ops.declare(_OP, dot_product_attention,
+dot_product_attention_op = _ops.declare("dot_product_attention", dot_product_attention,
                                          dot_product_attention_reference)

@@ -83,6 +83,9 @@ class Case:
     diff: positions in ``args`` of the differentiable arguments.
     batched: positions in ``args`` whose axis 0 is the batch (split over a device mesh by the
       mesh tests; the other arguments are replicated).
+    keywords: names under which the last ``len(keywords)`` of ``args`` are passed (arrays
+      the op takes as keywords, such as attention's ``bias``: they can then be differentiated
+      and batched by position like the others).
   """
 
   id: str
@@ -90,6 +93,12 @@ class Case:
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   diff: tuple[int, ...] = (0,)
   batched: tuple[int, ...] = (0,)
+  keywords: tuple[str, ...] = ()
+
+  def call(self, fn: Callable[..., Any], args) -> Any:
+    """``fn`` applied to ``args`` (the last ``len(keywords)`` of them by name) and ``kwargs``."""
+    split = len(args) - len(self.keywords)
+    return fn(*args[:split], **dict(zip(self.keywords, args[split:])), **self.kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +229,7 @@ def restrict(fn, case: Case, args: tuple):
     full = list(args)
     for i, v in zip(case.diff, diff_args):
       full[i] = v
-    return fn(*full, **case.kwargs)
+    return case.call(fn, full)
 
   return f
 
@@ -233,7 +242,7 @@ def _vjp(fn, case, args, primals, cot):
 def vjp_runner(fn: Callable[..., Any], case: Case, *, jit: bool = True):
   """``run(args, primals, cotangent) -> (outputs, gradients)``: ``jax.vjp`` of ``fn`` in the
   arguments ``case.diff`` (``primals``; the rest of ``args`` as they are), applied to
-  ``cotangent``; jitted unless ``jit=False``. ``fn(*args, **case.kwargs)`` is the call."""
+  ``cotangent``; jitted unless ``jit=False``. ``case.call(fn, args)`` is the call."""
   run = functools.partial(_vjp, fn, case)
   return jax.jit(run) if jit else run
 

@@ -11,7 +11,7 @@ import pytest
 from helpers import raises_eager_and_jit, residual_avals
 
 import jlayers
-from jlayers import _attention_blocks, attention
+from jlayers import _attention_blocks
 
 BOTH = pytest.mark.parametrize("fn", [jlayers.dot_product_attention,
                                       jlayers.reference.dot_product_attention],
@@ -168,13 +168,13 @@ def test_no_keys_or_no_queries_give_zeros(fn):
 
 
 def test_causal_blocks_above_the_diagonal_are_skipped():
-  config = attention._Config(True, 1.0, 128, 128)
+  config = _attention_blocks.Config(True, 1.0, 128, 128)
   x = jnp.zeros((1, 300, 1, 2))
-  blocks = _attention_blocks.blocks(config, x, x, x, None)
+  blocks = _attention_blocks.blocks(config, x, x, x, _attention_blocks.Extras())
   # 3 × 3 blocks of 128: the 3 above the diagonal are never visited.
   assert list(zip(*map(list, blocks.pairs))) == [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1),
                                                  (2, 2)]
-  assert len(_attention_blocks.blocks(config._replace(causal=False), x, x, x, None).pairs[0]) == 9
+  assert len(_attention_blocks.visited_pairs(config._replace(causal=False), 300, 300)[0]) == 9
 
 
 def test_block_size_is_64_up_to_512_positions_and_128_beyond():
