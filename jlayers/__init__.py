@@ -22,6 +22,7 @@ from jlayers.normalization import group_norm, layer_norm, rms_norm
 from jlayers.softmax import log_softmax, softmax
 from jlayers.embedding import embedding
 from jlayers.attention import dot_product_attention
+from jlayers.rotary import rotary_embedding
 
 from jlayers import _ops, layers, reference, testing  # noqa: E402 (after the ops)
 from jlayers._ops import Op, op, register_op, registered_ops, unregister_op
