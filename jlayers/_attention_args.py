@@ -28,7 +28,7 @@ def _ints(name, a, shape, what):
   if not jnp.issubdtype(a.dtype, jnp.integer):
     raise TypeError(f"{_OP}: {name} must have an integer dtype, got {a.dtype}")
   _checks.shape(_OP, name, a, shape, what)
-  return a
+  return a.astype(jnp.int32) if name.endswith("lengths") else a
 
 
 def _window(value):
@@ -85,6 +85,9 @@ def validate(q, k, v, *, mask, causal, scale, local_window_size, logits_soft_cap
                        f"({t}); without it the keys take q_segment_ids")
     kv_segment_ids = q_segment_ids
   kv_segment_ids = _ints("kv_segment_ids", kv_segment_ids, (b, s), "(B, S)")
+  if q_segment_ids is not None and q_segment_ids.dtype != kv_segment_ids.dtype:
+    common = jnp.promote_types(q_segment_ids.dtype, kv_segment_ids.dtype)
+    q_segment_ids, kv_segment_ids = q_segment_ids.astype(common), kv_segment_ids.astype(common)
   extras = Extras(mask, bias, sinks, q_segment_ids, kv_segment_ids,
                   _ints("query_seq_lengths", query_seq_lengths, (b,), "(B,)"),
                   _ints("key_value_seq_lengths", key_value_seq_lengths, (b,), "(B,)"))

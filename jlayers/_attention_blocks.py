@@ -172,8 +172,8 @@ def dense_visibility(config: Config, ex: Extras, q, s_len: int, heads: int) -> l
   """The twin's visibility conditions, each a whole ``T × S`` (or per-example) bool array
   broadcastable to ``[B, K, G, T, S]``: an entry is visible where all of them hold."""
   b, t = q.shape[:2]
-  i = jnp.arange(t).reshape(t, 1)
-  j = jnp.arange(s_len).reshape(1, s_len)
+  i = jnp.arange(t, dtype=jnp.int32).reshape(1, 1, 1, t, 1)
+  j = jnp.arange(s_len, dtype=jnp.int32).reshape(1, 1, 1, 1, s_len)
   valid = [] if ex.mask is None else [head_major(ex.mask, q, heads)]
   if config.causal:
     valid.append(j <= i)
