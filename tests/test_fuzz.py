@@ -733,11 +733,70 @@ def attention_calls(draw):
                                                       (1.0,)))))
 
 
+@st.composite
+def rotary_calls(draw):
+  b, t, n = draw(weighted_dim(0, 2)), draw(weighted_dim(0, 3)), draw(weighted_dim(0, 2))
+  config = {}
+  if draw(st.booleans()):  # rotate the first 2·half features of a longer head
+    half = draw(weighted_dim(1, 3))
+    h = 2 * half + draw(st.integers(0, 3))
+    config["rotary_dim"] = 2 * half
+  else:
+    half = draw(weighted_dim(0, 3))
+    h = 2 * half
+  lead = (b, t) if draw(st.booleans()) else (t,)
+  bounds = (0, 300) if not rarely(draw) else (-2**20, 2**20)
+  draft = Draft("rotary_embedding", {
+      "x": floats(draw, (b, t, n, h)),
+      "positions": Arr(draw(st.sampled_from(INTS)), lead, ("int", *bounds))}, config)
+  if draw(st.booleans()):
+    draft.config["interleaved"] = draw(st.sampled_from((True, False, np.bool_(True))))
+  if draw(st.booleans()):
+    draft.config["base"] = draw(st.sampled_from((10000.0, 500, 1.0, 0.5, 1e6, np.float32(10.0))))
+  if draw(st.booleans()):
+    draft.config["frequencies"] = Arr(draw(FLOAT), (half,), draw(VALUES))
+  return finish(draw, draft, (
+      retype("x"), reshape("x"), replace("x", NOT_ARRAYS + (Arr("float32", (t, n, h)),)),
+      retype("positions", FLOATS + ("bool",)), reshape("positions"),
+      replace("positions", ([0, 1], None, 1.5, 2, Arr("int32", (t, b)))),
+      replace("rotary_dim", BAD_COUNTS + (h + 1, h + 2, 2 * half - 1)),
+      replace("base", BAD_EPS), replace("interleaved", BAD_FLAGS),
+      retype("frequencies", NOT_FLOATS), reshape("frequencies"),
+      replace("frequencies", ([1.0], "f", Arr("float32", (half, 1))))))
+
+
+def gated_calls(op: str, flag: str | None = None):
+  @st.composite
+  def calls(draw):
+    if rarely(draw):
+      gate, up = draw(st.sampled_from((2.0, -0.5))), draw(st.sampled_from((1.5, -3.0)))
+    else:
+      shape, dtype = draw(shapes(0, 4)), draw(FLOAT)
+      gate, up = Arr(dtype, shape, draw(VALUES)), Arr(dtype, shape, draw(VALUES))
+    draft = Draft(op, {"gate": gate, "up": up})
+    mistakes = [retype("gate"), retype("up"), reshape("gate"), reshape("up"),
+                retype("up", FLOATS), replace("up", NOT_ARRAYS), replace("gate", (1, True))]
+    if flag is not None:
+      if draw(st.booleans()):
+        draft.config[flag] = draw(st.sampled_from((True, False, np.bool_(False))))
+      mistakes.append(replace(flag, BAD_FLAGS))
+
+    def broadcastable(draw, draft):
+      if isinstance(draft.args["up"], Arr):
+        draft.args["up"] = dataclasses.replace(draft.args["up"],
+                                               shape=(1,) * len(draft.args["up"].shape))
+    return finish(draw, draft, (*mistakes, broadcastable))
+  return calls()
+
+
 CALLS = {
     "linear": linear_calls(),
     "relu": elementwise_calls("relu"),
     "gelu": elementwise_calls("gelu", "approximate"),
     "silu": elementwise_calls("silu"),
+    "swiglu": gated_calls("swiglu"),
+    "geglu": gated_calls("geglu", "approximate"),
+    "rotary_embedding": rotary_calls(),
     "dropout": dropout_calls(),
     "batch_norm": batch_norm_calls(inference=False),
     "batch_norm_inference": batch_norm_calls(inference=True),
