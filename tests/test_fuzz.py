@@ -713,6 +713,25 @@ def attention_calls(draw):
   if draw(st.booleans()):
     draft.config["scale"] = draw(st.sampled_from((None, 0.5, 1, 0.0, -1.0, 10.0,
                                                   np.float32(0.3))))
+  if draw(st.booleans()):
+    draft.config["local_window_size"] = draw(st.sampled_from((0, 1, 3, (2, 0), (0, 1), 200)))
+  if draw(st.booleans()):
+    draft.config["logits_soft_cap"] = draw(st.sampled_from((0.5, 2.0, 30.0)))
+  if draw(st.booleans()):
+    draft.config["q_segment_ids"] = Arr("int32", (b, t), ("int", 0, 2))
+    if s != t or draw(st.booleans()):
+      draft.config["kv_segment_ids"] = Arr("int32", (b, s), ("int", 0, 2))
+  if draw(st.booleans()):
+    draft.config["key_value_seq_lengths"] = Arr("int32", (b,), ("int", 0, s + 1))
+  if draw(st.booleans()):
+    draft.config["query_seq_lengths"] = Arr("int32", (b,), ("int", 0, t))
+  if draw(st.booleans()):
+    full = (b, n, t, s)
+    draft.config["bias"] = Arr(dtype, tuple(m if draw(st.booleans()) else 1 for m in full))
+  if draw(st.booleans()):
+    draft.config["sinks"] = Arr(dtype, (n,))
+  if draw(st.booleans()):
+    draft.config["return_residual"] = True
 
   def other_dtype(draw, draft):
     name = draw(st.sampled_from(("k", "v")))
@@ -730,7 +749,13 @@ def attention_calls(draw):
       retype("q"), other_dtype, kv_heads, reshape("q"), reshape("k"), reshape("v"),
       replace("q", NOT_ARRAYS), retype("mask", ("int32", "float32")), reshape("mask"),
       replace("causal", BAD_FLAGS), replace("scale", (float("inf"), float("nan"), "1", True,
-                                                      (1.0,)))))
+                                                      (1.0,))),
+      replace("local_window_size", (-1, (1,), (1, 2, 3), 1.5, (0, -2), "3")),
+      replace("logits_soft_cap", (0.0, -1.0, float("nan"), float("inf"), "2")),
+      reshape("q_segment_ids"), retype("q_segment_ids", FLOATS), reshape("kv_segment_ids"),
+      reshape("key_value_seq_lengths"), retype("query_seq_lengths", FLOATS + ("bool",)),
+      reshape("bias"), retype("bias", ("int32", "bool")), reshape("sinks"),
+      replace("return_residual", BAD_FLAGS)))
 
 
 @st.composite
