@@ -29,8 +29,8 @@ from jlayers import _ops, layers, reference, testing  # noqa: E402 (after the op
 from jlayers._ops import Op, op, register_op, registered_ops, unregister_op
 from jlayers._platform import formulation
 from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embedding, Flatten,
-                            GroupNorm, Layer, LayerNorm, Linear, MaxPool2d, MultiHeadAttention,
-                            ReLU, RMSNorm, SiLU)
+                            GatedMLP, GroupNorm, Layer, LayerNorm, Linear, MaxPool2d,
+                            MultiHeadAttention, ReLU, RMSNorm, SiLU)
 from jlayers.models import Composite, Remat, Residual, Scope, Sequential
 from jlayers.parallel import DataParallel
 from jlayers.testing import grad_differences, max_grad_difference
@@ -66,6 +66,7 @@ __all__ = [
     "Embedding",
     "Flatten",
     "GELU",
+    "GatedMLP",
     "GroupNorm",
     "Layer",
     "LayerNorm",

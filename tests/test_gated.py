@@ -11,6 +11,8 @@ import pytest
 from helpers import raises_eager_and_jit, residual_avals
 
 import jlayers
+from jlayers import layers as L
+from jlayers import testing
 
 SWIGLU = pytest.mark.parametrize("fn", [jlayers.swiglu, jlayers.reference.swiglu],
                                  ids=["manual", "twin"])
@@ -190,3 +192,108 @@ def test_bad_input(name, exc, match, fn):
 def test_a_python_list_is_refused():
   with pytest.raises(TypeError, match="swiglu: up must be an array, got list"):
     jlayers.swiglu(jnp.ones(2), [1.0, 2.0])
+
+
+# --- the layers: GatedMLP, RMSNorm with a scale offset -------------------------------------------
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu": functools.partial(jax.nn.gelu, approximate=False),
+               "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def _plain_gated_mlp(params, x, act):
+  """down(act(gate(x)) · up(x)) in plain JAX, a bias where params hold one."""
+  def dense(p, h):
+    y = h @ p["kernel"]
+    return y + p["bias"].reshape((1,) * (h.ndim - 1) + (-1,)) if "bias" in p else y
+  return dense(params["down"], act(dense(params["gate"], x)) * dense(params["up"], x))
+
+
+@pytest.mark.parametrize("activation, use_bias, out", [("silu", False, None),
+                                                       ("gelu", True, 3), ("gelu_tanh", False, 6)])
+def test_gated_mlp_against_plain_jax_and_autodiff(activation, use_bias, out):
+  layer = jlayers.GatedMLP(8, activation=activation, use_bias=use_bias, out_features=out,
+                           param_dtype=jnp.float64,
+                           bias_init=jax.nn.initializers.normal(1.0))
+  with jax.enable_x64(True):
+    params, state = jax.jit(lambda k: layer.init(k, (2, 3, 5)))(jax.random.key(0))
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 3, 5)))
+    assert params["gate"]["kernel"].shape == params["up"]["kernel"].shape == (5, 8)
+    assert params["down"]["kernel"].shape == (8, out or 5)
+    assert ("bias" in params["down"]) == use_bias and state == {}
+
+    def loss(params, x, *, impl):
+      y = layer.apply(params, state, x, impl=impl)[0]
+      return jnp.sum(jnp.sin(y)), y
+
+    @jax.jit
+    def run(params, x):
+      return _plain_gated_mlp(params, x, ACTIVATIONS[activation]), [
+          jax.value_and_grad(functools.partial(loss, impl=impl), (0, 1), has_aux=True)(
+              params, x) for impl in ("manual", "autodiff")]
+
+    want, (((_, y_m), g_m), ((_, y_a), g_a)) = run(params, x)
+  assert y_m.shape == (2, 3, out or 5) and y_m.dtype == jnp.float64
+  np.testing.assert_allclose(y_m, want, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(y_a, want, rtol=1e-13, atol=1e-13)
+  for a, b in zip(jax.tree_util.tree_leaves(g_m), jax.tree_util.tree_leaves(g_a)):
+    assert testing.error(a, b).relative < 1e-12
+
+
+def test_gated_mlp_configuration_errors():
+  with pytest.raises(ValueError, match=r"GatedMLP: activation must be one of \('silu', 'gelu', "
+                                       r"'gelu_tanh'\), got 'relu'"):
+    jlayers.GatedMLP(4, activation="relu")
+  with pytest.raises(ValueError, match="GatedMLP: hidden_features must be positive, got 0"):
+    jlayers.GatedMLP(0)
+  with pytest.raises(TypeError, match="GatedMLP: out_features must be an int, got str"):
+    jlayers.GatedMLP(4, out_features="4")
+  layer = jlayers.GatedMLP(4)
+  params = {name: {"kernel": np.ones(shape, np.float32)}
+            for name, shape in (("gate", (3, 4)), ("up", (3, 4)), ("down", (4, 3)))}
+  with pytest.raises(KeyError, match="GatedMLP: params has no entry 'up'"):
+    layer.apply({"gate": params["gate"], "down": params["down"]}, {}, np.ones((2, 3)))
+  with pytest.raises(KeyError, match=r"GatedMLP: params\['down'\] has no entry 'kernel'"):
+    layer.apply({**params, "down": {"w": params["down"]["kernel"]}}, {}, np.ones((2, 3)))
+  with pytest.raises(ValueError, match="linear: x's last dimension must equal w's first"):
+    layer.apply(params, {}, np.ones((2, 4), np.float32))
+
+
+def test_rms_norm_default_is_unchanged_and_the_offset_is_gemmas():
+  x = jnp.asarray(np.random.default_rng(8).standard_normal((3, 6)), jnp.float32)
+  plain, gemma = L.RMSNorm(), L.RMSNorm(scale_offset=1.0, eps=1e-6)
+  assert plain == L.RMSNorm(scale_offset=0.0)
+  params, _ = plain.init(jax.random.key(0), x.shape)
+  w0, _ = gemma.init(jax.random.key(0), x.shape)
+  np.testing.assert_array_equal(params["scale"], np.ones(6, np.float32))
+  np.testing.assert_array_equal(w0["scale"], np.zeros(6, np.float32))  # 1 − 1
+  y_plain, y_op, y_gemma = jax.jit(lambda p, w0, x: (
+      plain.apply(p, {}, x)[0], jlayers.rms_norm(x, p["scale"], eps=1e-6),
+      gemma.apply(w0, {}, x)[0]))(params, w0, x)
+  np.testing.assert_array_equal(y_plain, y_op)
+  np.testing.assert_allclose(y_gemma, y_plain, rtol=1e-6)  # 1 + 0: the same scale at init
+  with jax.enable_x64(True):
+    x64 = x.astype(jnp.float64)
+    w = {"scale": jnp.asarray(np.random.default_rng(9).standard_normal(6))}
+    # Gemma: x / sqrt(mean(x²) + eps) · (1 + w).
+    want = x64 / jnp.sqrt(jnp.mean(x64 * x64, axis=-1, keepdims=True) + 1e-6) * (
+        1.0 + w["scale"][None, :])
+
+    @jax.jit
+    def run(w, x):
+      def loss(w, x, impl):
+        y = gemma.apply(w, {}, x, impl=impl)[0]
+        return jnp.sum(jnp.cos(y)), y
+      return [jax.value_and_grad(functools.partial(loss, impl=impl), (0, 1), has_aux=True)(
+          w, x) for impl in ("manual", "autodiff")]
+
+    ((_, y_m), g_m), ((_, y_a), g_a) = run(w, x64)
+  np.testing.assert_allclose(y_m, want, rtol=1e-13)
+  np.testing.assert_allclose(y_a, want, rtol=1e-13)
+  for a, b in zip(jax.tree_util.tree_leaves(g_m), jax.tree_util.tree_leaves(g_a)):
+    assert testing.error(a, b).relative < 1e-12
+  with pytest.raises(ValueError, match="RMSNorm: scale_offset must be in"):
+    L.RMSNorm(scale_offset=float("nan"))
+  with pytest.raises(TypeError, match="RMSNorm: scale_offset must be a float, got str"):
+    L.RMSNorm(scale_offset="1")
+  with pytest.raises(ValueError, match="RMSNorm: scale_offset=1.0 offsets the scale param"):
+    L.RMSNorm(scale_offset=1.0, use_scale=False)

@@ -55,7 +55,7 @@ def test_golden_values_and_gradient_by_hand(fn, interleaved):
 @BOTH
 def test_position_zero_is_the_identity(fn):
   x = jnp.arange(24.0).reshape(1, 2, 2, 6)
-  np.testing.assert_array_equal(fn(x, jnp.zeros(2, jnp.int32)), x)
+  np.testing.assert_array_equal(jax.jit(fn)(x, jnp.zeros(2, jnp.int32)), x)
 
 
 # --- the published forms, written here ------------------------------------------------------
@@ -165,13 +165,21 @@ def test_rotary_dim_passes_the_tail_through():
   x = jnp.asarray(rng.standard_normal((2, 3, 2, 10)), jnp.float32)
   g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   positions = jnp.array([4, 9, 200])
-  for interleaved in (False, True):
-    y, dx, _ = _vjp(jlayers.rotary_embedding, x, positions, g, rotary_dim=6,
-                    interleaved=interleaved)
+
+  @jax.jit
+  def run(x, g):
+    out = []
+    for interleaved in (False, True):
+      y, pullback = jax.vjp(lambda x, i=interleaved: jlayers.rotary_embedding(
+          x, positions, rotary_dim=6, interleaved=i), x)
+      head = jlayers.rotary_embedding(x[..., :6], positions, interleaved=interleaved)
+      out.append((y, pullback(g)[0], head))
+    return out
+
+  for y, dx, head in run(x, g):
     np.testing.assert_array_equal(y[..., 6:], x[..., 6:])
     np.testing.assert_array_equal(dx[..., 6:], g[..., 6:])
-    full = jlayers.rotary_embedding(x[..., :6], positions, interleaved=interleaved)
-    np.testing.assert_allclose(y[..., :6], full, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y[..., :6], head, rtol=1e-6, atol=1e-6)
     assert not np.allclose(y[..., :6], x[..., :6])
 
 
@@ -179,20 +187,27 @@ def test_positions_per_row_equal_per_row_calls():
   rng = np.random.default_rng(4)
   x = jnp.asarray(rng.standard_normal((3, 4, 2, 6)), jnp.float32)
   positions = jnp.array([[0, 1, 2, 3], [0, 1, 0, 1], [7, 8, 9, 10]])
-  both = jlayers.rotary_embedding(x, positions, interleaved=True)
-  one = jax.jit(lambda x, p: jlayers.rotary_embedding(x, p, interleaved=True))
+  both, rows = jax.jit(lambda x, p: (
+      jlayers.rotary_embedding(x, p, interleaved=True),
+      [jlayers.rotary_embedding(x[i:i + 1], p[i], interleaved=True) for i in range(3)]))(
+          x, positions)
   for row in range(3):
-    np.testing.assert_array_equal(both[row:row + 1], one(x[row:row + 1], positions[row]))
+    np.testing.assert_array_equal(both[row:row + 1], rows[row])
 
 
 def test_any_integer_dtype_and_wide_frequencies():
   x = jnp.asarray(np.random.default_rng(5).standard_normal((1, 4, 1, 4)), jnp.float32)
-  want = jlayers.rotary_embedding(x, jnp.arange(4, dtype=jnp.int32))
-  for dtype in (jnp.int8, jnp.uint8, jnp.int16, jnp.uint32):
-    np.testing.assert_array_equal(jlayers.rotary_embedding(x, jnp.arange(4, dtype=dtype)), want)
-  # The default frequencies, given: the same angles (rounded from float64 to float32 alike).
-  given = jlayers.rotary_embedding(x, jnp.arange(4), frequencies=np.array([1.0, 0.01]))
-  np.testing.assert_array_equal(given, want)
+  dtypes = (np.int32, np.int8, np.uint8, np.int16, np.uint32)
+
+  @jax.jit
+  def run(x, *positions):
+    # The default frequencies, given: the same angles (rounded from float64 to float32 alike).
+    given = jlayers.rotary_embedding(x, positions[0], frequencies=np.array([1.0, 0.01]))
+    return [jlayers.rotary_embedding(x, p) for p in positions] + [given]
+
+  want, *others = run(x, *(np.arange(4, dtype=d) for d in dtypes))
+  for got in others:
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -11,7 +11,7 @@ one of the two with ``op.select(impl)``. Shapes are inferred from ``input_shape`
 initialisers default as in Flax (LeCun normal kernels, zero biases, unit scales) and are any
 ``jax.nn.initializers``-style callable (:data:`Initializer`).
 
-The modules, by kind: :mod:`~jlayers.layers.dense` (``Linear``, ``Conv2d``),
+The modules, by kind: :mod:`~jlayers.layers.dense` (``Linear``, ``GatedMLP``, ``Conv2d``),
 :mod:`~jlayers.layers.normalization` (``BatchNorm``, ``LayerNorm``, ``RMSNorm``,
 ``GroupNorm``), :mod:`~jlayers.layers.stateless` (activations, ``Flatten``, pooling,
 ``Dropout``) and :mod:`~jlayers.layers.sequence` (``Embedding``, ``MultiHeadAttention``).
@@ -27,12 +27,12 @@ Examples:
 """
 
 from jlayers.layers.base import Initializer, Layer
-from jlayers.layers.dense import Conv2d, Linear
+from jlayers.layers.dense import Conv2d, GatedMLP, Linear
 from jlayers.layers.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from jlayers.layers.sequence import Embedding, MultiHeadAttention
 from jlayers.layers.stateless import (GELU, AvgPool2d, Dropout, Flatten, MaxPool2d, ReLU,
                                       SiLU)
 
 __all__ = ["AvgPool2d", "BatchNorm", "Conv2d", "Dropout", "Embedding", "Flatten", "GELU",
-           "GroupNorm", "Initializer", "Layer", "LayerNorm", "Linear", "MaxPool2d",
+           "GatedMLP", "GroupNorm", "Initializer", "Layer", "LayerNorm", "Linear", "MaxPool2d",
            "MultiHeadAttention", "RMSNorm", "ReLU", "SiLU"]

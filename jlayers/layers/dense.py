@@ -1,4 +1,4 @@
-"""Dense and convolution layers: :class:`Linear` and :class:`Conv2d`."""
+"""Dense and convolution layers: :class:`Linear`, :class:`GatedMLP` and :class:`Conv2d`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from jax.nn import initializers
 
 from jlayers import _checks
 from jlayers.conv import conv2d_op
+from jlayers.gated import geglu_op, swiglu_op
 from jlayers.layers import base
 from jlayers.layers.base import Initializer, Layer
 from jlayers.linear import linear_op
@@ -63,6 +64,95 @@ class Linear(Layer):
                                  precision=self.precision)
     return y, state
 
+
+_GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedMLP(Layer):
+  r"""The gated feed-forward block of Llama-class transformers, over the last axis:
+
+  .. math::
+    y = \big(\mathrm{act}(x W_{gate} + b_{gate}) ⊙ (x W_{up} + b_{up})\big)\, W_{down}
+        + b_{down}
+
+  ``activation`` names ``act``: ``"silu"`` (SwiGLU: Llama, Mistral, Qwen), ``"gelu"`` (the
+  exact erf GELU) or ``"gelu_tanh"`` (its tanh form: Gemma). The three projections run
+  through :func:`jlayers.linear` and the gate through :func:`jlayers.swiglu` or
+  :func:`jlayers.geglu`, so every backward pass is manual under ``impl="manual"`` (and autodiff
+  of the twins under ``impl="autodiff"``, the argument of ``apply``).
+
+  Params: ``{"gate", "up", "down"}``, each ``{"kernel": float[in, out], "bias": float[out]}``
+  (no ``"bias"`` with ``use_bias=False``, the default): gate and up ``[F, hidden_features]``,
+  down ``[hidden_features, out_features]``, with ``F = input_shape[-1]`` and
+  ``out_features`` defaulting to ``F``. No state. ``dtype``, ``param_dtype``, ``precision``
+  and the initialisers work as for :class:`Linear`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jlayers
+    >>> mlp = jlayers.GatedMLP(8)
+    >>> params, state = mlp.init(jax.random.key(0), (2, 5, 4))
+    >>> jax.tree_util.tree_map(jnp.shape, params)
+    {'down': {'kernel': (8, 4)}, 'gate': {'kernel': (4, 8)}, 'up': {'kernel': (4, 8)}}
+    >>> mlp.apply(params, state, jnp.ones((2, 5, 4)))[0].shape
+    (2, 5, 4)
+  """
+
+  kind: ClassVar[str] = "gated_mlp"
+  hidden_features: int
+  _: dataclasses.KW_ONLY
+  out_features: int | None = None
+  activation: str = "silu"
+  use_bias: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Initializer = default_kernel_init
+  bias_init: Initializer = initializers.zeros
+
+  def __post_init__(self):
+    where = "GatedMLP"
+    _checks.positive_int(where, "hidden_features", self.hidden_features)
+    if self.out_features is not None:
+      _checks.positive_int(where, "out_features", self.out_features)
+    if not isinstance(self.activation, str) or self.activation not in _GATED_ACTIVATIONS:
+      raise ValueError(f"{where}: activation must be one of {_GATED_ACTIVATIONS}, got "
+                       f"{self.activation!r}")
+    _checks.flag(where, "use_bias", self.use_bias)
+    base.check_dtypes(self)
+    base.set_field(self, "precision", _checks.precision(where, self.precision))
+    _checks.initializer(where, "kernel_init", self.kernel_init)
+    _checks.initializer(where, "bias_init", self.bias_init)
+
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    features = _checks.shape_of("GatedMLP", input_shape, min_rank=1)[-1]
+    sizes = {"gate": (features, self.hidden_features), "up": (features, self.hidden_features),
+             "down": (self.hidden_features, self.out_features or features)}
+    params = {}
+    for k, (name, (n_in, n_out)) in zip(jax.random.split(key, 3), sizes.items()):
+      k_key, b_key = jax.random.split(k)
+      params[name] = {"kernel": self.kernel_init(k_key, (n_in, n_out), self.param_dtype)}
+      if self.use_bias:
+        params[name]["bias"] = self.bias_init(b_key, (n_out,), self.param_dtype)
+    return params, {}
+
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+    _checks.static_call("GatedMLP", train, impl)
+    projections = base.entries(self, params, "params", ("gate", "up", "down"))
+    names = ("kernel", "bias") if self.use_bias else ("kernel",)
+    linear = linear_op.select(impl)
+
+    def project(name, weights, h):
+      return linear(h, *base.entries(self, weights, f"params[{name!r}]", names),
+                    precision=self.precision)
+
+    x = base.compute_dtype(self, x)
+    gate, up = (project(n, w, x) for n, w in zip(("gate", "up"), projections[:2]))
+    if self.activation == "silu":
+      h = swiglu_op.select(impl)(gate, up)
+    else:
+      h = geglu_op.select(impl)(gate, up, approximate=self.activation == "gelu_tanh")
+    return project("down", projections[2], h), state
 
 @dataclasses.dataclass(frozen=True)
 class Conv2d(Layer):

@@ -113,7 +113,13 @@ class LayerNorm(_AxesNorm):
 @dataclasses.dataclass(frozen=True)
 class RMSNorm(_AxesNorm):
   """Root-mean-square normalisation over ``axis``, see :func:`jlayers.rms_norm`. Params:
-  ``scale`` (ones) shaped like the normalised axes, dropped with ``use_scale=False``."""
+  ``scale`` shaped like the normalised axes, dropped with ``use_scale=False``.
+
+  The scale applied is ``scale_offset + scale`` (formed in at least float32): with the default
+  ``scale_offset=0`` the param itself, with ``scale_offset=1.0`` Gemma's ``x̂ · (1 + w)``.
+  ``scale_init`` gives the scale applied at init (ones), so the param starts at
+  ``scale_init − scale_offset`` (``1 − scale_offset``: zeros for Gemma).
+  """
 
   kind: ClassVar[str] = "rms_norm"
   _: dataclasses.KW_ONLY
@@ -123,10 +129,27 @@ class RMSNorm(_AxesNorm):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   scale_init: Initializer = initializers.ones
+  scale_offset: float = 0.0
+
+  def __post_init__(self):
+    super().__post_init__()
+    base.set_field(self, "scale_offset", _checks.real("RMSNorm", "scale_offset",
+                                                      self.scale_offset))
+    if self.scale_offset and not self.use_scale:
+      raise ValueError(f"RMSNorm: scale_offset={self.scale_offset} offsets the scale param, "
+                       "which use_scale=False drops")
+
+  def init(self, key, input_shape, *, input_dtype=jnp.float32):
+    params, state = super().init(key, input_shape, input_dtype=input_dtype)
+    if self.scale_offset:
+      params["scale"] = params["scale"] - jnp.asarray(self.scale_offset, params["scale"].dtype)
+    return params, state
 
   def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
     _checks.static_call("RMSNorm", train, impl)
     scale, _ = self._params(params)
+    if self.scale_offset:
+      scale = scale.astype(_checks.at_least_float32(scale.dtype)) + self.scale_offset
     y = rms_norm_op.select(impl)(base.compute_dtype(self, x), scale, axis=self.axis,
                                    eps=self.eps)
     return y, state
