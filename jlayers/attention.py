@@ -1,10 +1,10 @@
 """Dot-product attention in linear memory, with a hand-derived backward pass.
 
 The forward runs over blocks of queries and keys with an online softmax and keeps, besides
-its inputs and output, one log-sum-exp per query row (float32 or wider); the backward recomputes the
-probabilities block by block. No array of ``T × S`` scores ever exists, in either pass: the
-causal mask, local windows, segment ids and sequence lengths are evaluated per block
-(:mod:`jlayers._attention_blocks`), and blocks they hide entirely are skipped.
+its inputs and output, one log-sum-exp per query row (float32 or wider); the backward
+recomputes the probabilities block by block. No ``T × S`` array ever exists: the causal mask,
+windows, segment ids and lengths are evaluated per block (:mod:`jlayers._attention_blocks`),
+and blocks they hide entirely are skipped.
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def _attention_bwd(config, res, cts):
   dv = dv[:, :, :s].transpose(0, 2, 1, 3).astype(v.dtype)
   dbias = dsinks = None
   if extras.bias is not None:  # drop the padding
-    _, _, mt, ms = extras.bias.shape
+    mt, ms = extras.bias.shape[2:]
     dbias = grads[3][:, :, :, :mt, :ms].reshape(extras.bias.shape).astype(extras.bias.dtype)
   if extras.sinks is not None:
     p_sink = jnp.exp(_blocks.head_major_sinks(extras.sinks, k, f32) - lse)
