@@ -24,6 +24,7 @@ from jlayers.embedding import embedding
 from jlayers.attention import dot_product_attention
 from jlayers.rotary import rotary_embedding
 from jlayers.gated import geglu, swiglu
+from jlayers.linear_cross_entropy import linear_cross_entropy
 
 from jlayers import _ops, layers, reference, testing  # noqa: E402 (after the ops)
 from jlayers._ops import Op, op, register_op, registered_ops, unregister_op

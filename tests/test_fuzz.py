@@ -814,8 +814,35 @@ def gated_calls(op: str, flag: str | None = None):
   return calls()
 
 
+@st.composite
+def linear_cross_entropy_calls(draw):
+  lead, h, v = draw(shapes(0, 2)), draw(weighted_dim(0, 3)), draw(weighted_dim(1, 4))
+  labels = (0, v - 1) if not rarely(draw) else (-1, v)
+  draft = Draft("linear_cross_entropy", {
+      "x": floats(draw, (*lead, h)), "w": floats(draw, (h, v)),
+      "labels": Arr(draw(st.sampled_from(INTS)), lead, ("int", *labels))})
+  if draw(st.booleans()):
+    draft.config["where"] = Arr("bool", lead, ("bool", draw(st.sampled_from((0.7, 0.0, 1.0)))))
+  options = (("label_smoothing", (0.1, 0.0, 1.0, 1, np.float32(0.5))),
+             ("z_loss", (1e-4, 0.0, 0.5, 2)), ("logits_soft_cap", (None, 2.0, 30, 0.5)),
+             ("reduction", ("none", "mean", "sum")))
+  for name, values in options:
+    if draw(st.booleans()):
+      draft.config[name] = draw(st.sampled_from(values))
+  return finish(draw, draft, (
+      retype("x"), retype("w"), retype("labels", FLOATS + ("bool",)), reshape("x"),
+      reshape("w"), reshape("labels"), replace("x", NOT_ARRAYS + (Arr("float32", ()),)),
+      replace("w", (Arr("float32", (h, 0)), Arr("float32", (h,)), None)),
+      replace("labels", (None, [0, 1], 1.5)), retype("where", ("int32", "float32")),
+      reshape("where"), replace("label_smoothing", (-0.1, 1.5, float("nan"), "0.1", None)),
+      replace("z_loss", (-1.0, float("inf"), float("nan"), "0", None, True)),
+      replace("logits_soft_cap", (0, -1.0, float("inf"), float("nan"), "2", True)),
+      replace("reduction", ("avg", None, "Mean", 0, "", ("mean",)))))
+
+
 CALLS = {
     "linear": linear_calls(),
+    "linear_cross_entropy": linear_cross_entropy_calls(),
     "relu": elementwise_calls("relu"),
     "gelu": elementwise_calls("gelu", "approximate"),
     "silu": elementwise_calls("silu"),
