@@ -138,10 +138,10 @@ def _forward(config, q, k, v, extras):
   f32 = _checks.at_least_float32(q.dtype)
   # Zeros laid out as the blocks (batch-split on a mesh), so the loop's carry keeps its type.
   row = jnp.zeros_like(blk.q[..., 0], f32)
-  if extras.sinks is None:
-    init = (row - jnp.inf, row, jnp.zeros_like(blk.q, f32))
-  else:  # the sink is a first "key" with score σ and no value: max σ, sum e^{σ−σ} = 1
-    init = (row + _blocks.head_major_sinks(extras.sinks, k, f32), row + 1, jnp.zeros_like(blk.q, f32))
+  # A sink is a first "key" with score σ and no value: a running max σ and sum e^{σ−σ} = 1.
+  m, l = ((row - jnp.inf, row) if extras.sinks is None else
+          (row + _blocks.head_major_sinks(extras.sinks, k, f32), row + 1))
+  init = (m, l, jnp.zeros_like(blk.q, f32))
 
   def step(carry, ij):
     m, l, acc = carry
@@ -234,10 +234,9 @@ def _attention_bwd(config, res, cts):
        \frac{∂ℓ}{∂σ} = Σ_{b, i} P_{σi} (\bar L_i - dO_i · O_i) = -Σ_{b, i} P_{σi} δ_i
 
   Grouped-query heads: key/value head ``κ`` serves ``G = N/K`` query heads, so its gradients
-  add over them (the block products contract the group axis with the query rows). Every block
-  the forward visited is visited again, in the same order, accumulating ``dQ``, ``dK``, ``dV``
-  in at least float32. A row that sees no key (and has no sink) has ``L = +∞``, so ``P = 0``
-  and its gradients are 0. ``mask``, segment ids and lengths are not differentiable.
+  add over them. Every block the forward visited is visited again, in the same order,
+  accumulating ``dQ``, ``dK``, ``dV`` in at least float32. A row that sees no key (and has no
+  sink) has ``L = +∞``, so ``P = 0`` and its gradients are 0. Masks are not differentiable.
   """
   q, k, v, extras, out, lse = res
   g, g_lse = cts
