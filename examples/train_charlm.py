@@ -4,14 +4,23 @@ The text is the reference documentation every CPython ships (``pydoc_data.topics
 topics, about 465 000 characters, 103 distinct ones), concatenated in sorted key order; no
 download. Characters are the vocabulary; the first 90 % trains, the last 10 % validates.
 
-The model is :class:`jlayers.TransformerLM`, built from jlayers layers only: token embedding
-plus learned positions, pre-norm blocks (LayerNorm → causal multi-head attention → residual;
-LayerNorm → Linear → GELU → Linear → residual), a final LayerNorm and output logits tied to the
-token embedding (``Embedding.attend``). Default size: 4 layers, 4 heads, 128 features, context
-64. Every backward pass in it is hand-derived; before training, the whole model's gradients
-through the rules are compared with autodiff of the twins in float64.
+The model is :class:`jlayers.TransformerLM`, built from jlayers layers only. ``--arch gpt``
+(the default): token embedding plus learned positions, pre-norm blocks (LayerNorm → causal
+multi-head attention → residual; LayerNorm → Linear → GELU → Linear → residual), a final
+LayerNorm and output weights tied to the token embedding. ``--arch llama``
+(:meth:`jlayers.TransformerLM.llama`): rotary positions, RMS norms, grouped-query attention
+(half as many key/value heads as query heads), a SwiGLU MLP of ``8/3 · features`` (rounded up
+to a multiple of 32) and an untied output projection. Default size: 4 layers, 4 heads, 128
+features, context 64. Every backward pass in it is hand-derived; before training, the whole
+model's gradients through the rules are compared with autodiff of the twins in float64.
 
-Training: mean softmax cross-entropy per character, optax AdamW (1e-3, β₂ = 0.99, weight decay
+``--pack`` trains on rows packed from the documents (the topics): each row carries segment ids
+(one per document fragment in it), positions restart at every document start, attention stays
+within a document and no character is predicted across a document boundary. Without it, rows
+are windows of the concatenated text, as if it were one document.
+
+Training: mean softmax cross-entropy per character through ``TransformerLM.loss`` (the
+hidden states go to :func:`jlayers.linear_cross_entropy`: no logits are formed), optax AdamW (1e-3, β₂ = 0.99, weight decay
 0.1 on the matrices) with 100 warm-up steps and cosine decay to 1e-4, gradient clipping at
 norm 1, a jit-compiled step. The validation loss (nats per character, over the whole
 validation text) is printed every ``--eval-every`` steps and at the end, then a sample is
@@ -20,6 +29,8 @@ generated from a prompt.
 Run from the repository root (``pip install -e '.[examples]'``)::
 
     python examples/train_charlm.py                     # 2 000 steps of batch 32
+    python examples/train_charlm.py --arch llama        # RoPE, SwiGLU, RMS norm, GQA
+    python examples/train_charlm.py --arch llama --pack # rows packed from the documents
     python examples/train_charlm.py --impl autodiff     # the same model through autodiff
     python examples/train_charlm.py --plot curves.png   # train/validation curves
     python examples/train_charlm.py --dtype bfloat16    # bfloat16 compute, float32 params
@@ -44,11 +55,16 @@ import optax
 import jlayers
 
 
-def load_text() -> str:
-  """The topics of ``pydoc_data.topics`` concatenated in sorted key order."""
+def load_documents() -> list[str]:
+  """The topics of ``pydoc_data.topics`` in sorted key order."""
   from pydoc_data.topics import topics  # noqa: PLC0415
 
-  return "".join(topics[key] for key in sorted(topics))
+  return [topics[key] for key in sorted(topics)]
+
+
+def load_text() -> str:
+  """The topics of ``pydoc_data.topics`` concatenated in sorted key order."""
+  return "".join(load_documents())
 
 
 class Vocabulary:
@@ -77,24 +93,54 @@ def load_data(train_fraction: float = 0.9):
   return vocab, ids[:cut], ids[cut:]
 
 
-def build_model(vocab_size: int, *, context=64, features=128, layers=4, heads=4, dtype=None,
-                remat=False) -> jlayers.TransformerLM:
-  return jlayers.TransformerLM(vocab_size, context, features=features, layers=layers,
-                               heads=heads, dtype=dtype, remat=remat)
+def document_ids(length: int) -> np.ndarray:
+  """``int32[length]``: the index of the document each character of the text belongs to."""
+  sizes = [len(d) for d in load_documents()]
+  return np.repeat(np.arange(len(sizes), dtype=np.int32), sizes)[:length]
 
 
-def token_losses(model, params, ids, *, impl):
+def build_model(vocab_size: int, *, arch="gpt", context=64, features=128, layers=4, heads=4,
+                dtype=None, remat=False) -> jlayers.TransformerLM:
+  """``arch="gpt"``: GPT-2's architecture; ``"llama"``: Llama's, with ``heads // 2`` key/value
+  heads and a SwiGLU MLP of ``8/3 · features`` rounded up to a multiple of 32."""
+  common = {"features": features, "layers": layers, "heads": heads, "dtype": dtype,
+            "remat": remat}
+  if arch == "gpt":
+    return jlayers.TransformerLM.gpt2(vocab_size, context, **common)
+  mlp = -(-8 * features // 3 // 32) * 32
+  return jlayers.TransformerLM.llama(vocab_size, context, num_kv_heads=max(1, heads // 2),
+                                     mlp_features=mlp, **common)
+
+
+def packing(rows, docs):
+  """``(segment ids, positions, where)`` of rows ``int[B, T + 1]`` whose characters belong to
+  the documents ``docs: int[B, T + 1]``: a segment per document fragment, positions restarting
+  at 0 at each fragment's start, and ``where`` False for a target in another document than its
+  input."""
+  docs = np.asarray(docs)
+  start = np.concatenate([np.ones((len(docs), 1), bool), docs[:, 1:] != docs[:, :-1]], axis=1)
+  segments = np.cumsum(start, axis=1).astype(np.int32) - 1
+  index = np.arange(docs.shape[1])
+  positions = index - np.maximum.accumulate(np.where(start, index, 0), axis=1)
+  keep = docs[:, 1:] == docs[:, :-1]
+  return segments[:, :-1], positions[:, :-1].astype(np.int32), keep
+
+
+def token_losses(model, params, ids, *, impl, segments=None, positions=None, where=None):
   """Per-character cross-entropy ``float32[B, T]`` of predicting ``ids[:, 1:]`` from
-  ``ids[:, :-1]`` (``ids: int[B, T + 1]``)."""
-  logits, _ = model.apply(params, {}, ids[:, :-1], impl=impl)
-  if logits.dtype.itemsize < 4:  # bfloat16 compute: the loss in float32
-    logits = logits.astype(jnp.float32)
-  xent = jlayers.op("softmax_cross_entropy_with_integer_labels", impl)
-  return xent(logits, ids[:, 1:])
+  ``ids[:, :-1]`` (``ids: int[B, T + 1]``), through ``model.loss`` (no logits formed); packed
+  rows take their segment ids, positions and ``where`` (0 where False)."""
+  return model.loss(params, ids[:, :-1], ids[:, 1:], where=where, positions=positions,
+                    segment_ids=segments, reduction="none", impl=impl)
 
 
-def loss_fn(model, params, ids, *, impl):
-  return jnp.mean(token_losses(model, params, ids, impl=impl))
+def loss_fn(model, params, ids, *, impl, packed=None):
+  """The mean loss of a batch: ``packed`` is ``None`` or ``(segments, positions, where)``."""
+  if packed is None:
+    return model.loss(params, ids[:, :-1], ids[:, 1:], impl=impl)
+  segments, positions, where = packed
+  return model.loss(params, ids[:, :-1], ids[:, 1:], where=where, positions=positions,
+                    segment_ids=segments, impl=impl)
 
 
 def make_optimizer(steps: int, *, lr=1e-3, warmup=100, weight_decay=0.1, clip=1.0):
@@ -110,22 +156,27 @@ def make_optimizer(steps: int, *, lr=1e-3, warmup=100, weight_decay=0.1, clip=1.
 
 
 def make_train_step(model, optimizer, impl):
-  """Jitted ``(params, opt_state, ids) -> (params, opt_state, loss)``, params and state donated."""
+  """Jitted ``(params, opt_state, ids, packed=None) -> (params, opt_state, loss)``, params
+  and state donated."""
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model, impl=impl))
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, ids):
-    loss, grads = grad_fn(params, ids)
+  def step(params, opt_state, ids, packed=None):
+    loss, grads = grad_fn(params, ids, packed=packed)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
 
 
-def random_windows(rng, data, batch_size, context) -> np.ndarray:
-  """``int32[batch_size, context + 1]`` windows of ``data`` at uniformly random offsets."""
+def random_windows(rng, data, batch_size, context, docs=None):
+  """``int32[batch_size, context + 1]`` windows of ``data`` at uniformly random offsets; with
+  ``docs`` (the document of each character), also their ``packing``."""
   starts = rng.integers(0, len(data) - context - 1, batch_size)
-  return np.stack([data[s:s + context + 1] for s in starts])
+  rows = np.stack([data[s:s + context + 1] for s in starts])
+  if docs is None:
+    return rows
+  return rows, packing(rows, np.stack([docs[s:s + context + 1] for s in starts]))
 
 
 def make_evaluate(model, impl):
@@ -208,10 +259,10 @@ def _progress(total):
   return tqdm(total=total, unit="step", file=sys.stdout, mininterval=1.0, ascii=True)
 
 
-def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, heads=4, lr=1e-3,
-          warmup=100, seed=0, impl="manual", dtype=None, remat=False, devices=None,
-          eval_every=250, check_grads=True, sample_length=300, prompt="The ", log=print,
-          progress=True):
+def train(*, steps=2000, batch_size=32, arch="gpt", pack=False, context=64, features=128,
+          layers=4, heads=4, lr=1e-3, warmup=100, seed=0, impl="manual", dtype=None, remat=False,
+          devices=None, eval_every=250, check_grads=True, sample_length=300, prompt="The ",
+          log=print, progress=True):
   """Trains and evaluates; returns a dict of the final numbers and the curves."""
   start = time.perf_counter()
   vocab, train_ids, val_ids = load_data()
@@ -219,24 +270,27 @@ def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, head
   if batch_size % placement.devices:
     raise ValueError(f"batch size {batch_size} must be a multiple of --devices "
                      f"{placement.devices}")
-  model = build_model(len(vocab), context=context, features=features, layers=layers,
-                      heads=heads, dtype=dtype, remat=remat)
+  model = build_model(len(vocab), arch=arch, context=context, features=features,
+                      layers=layers, heads=heads, dtype=dtype, remat=remat)
+  docs = document_ids(len(train_ids)) if pack else None
   key = jax.random.key(seed)
   params, _ = model.init(jax.random.fold_in(key, 0), (batch_size, context),
                          input_dtype=jnp.int32)
   n_params = sum(a.size for a in jax.tree_util.tree_leaves(params))
   log(f"text: {len(train_ids) + len(val_ids)} characters ({len(train_ids)} train, "
-      f"{len(val_ids)} validation), vocabulary {len(vocab)}; model: {layers} layers, {heads} "
+      f"{len(val_ids)} validation), vocabulary {len(vocab)}; model: {arch}, {layers} layers, "
+      f"{heads} "
       f"heads, {features} features, context {context}, {n_params / 1e6:.2f} M params; "
       f"impl={impl}, backend={jax.default_backend()}, devices={placement.devices}, "
-      f"dtype={jnp.dtype(dtype or jnp.float32).name}{', remat' if remat else ''}")
+      f"dtype={jnp.dtype(dtype or jnp.float32).name}{', remat' if remat else ''}"
+      f"{', packed rows' if pack else ''}")
 
   rng = np.random.default_rng(seed)
   grad_error = key_bias = None
   if check_grads:
     t = time.perf_counter()
-    check_model = build_model(len(vocab), context=context, features=features, layers=layers,
-                              heads=heads)
+    check_model = build_model(len(vocab), arch=arch, context=context, features=features,
+                              layers=layers, heads=heads)
     grad_error, key_bias = gradient_check(check_model, params,
                                           random_windows(rng, train_ids, 4, context))
     log(f"gradient check (float64, the whole model, one batch): worst relative difference "
@@ -255,8 +309,12 @@ def train(*, steps=2000, batch_size=32, context=64, features=128, layers=4, head
   t_train = time.perf_counter()
   with placement.context():
     for i in range(1, steps + 1):
-      batch = placement.split(random_windows(rng, train_ids, batch_size, context))
-      params, opt_state, loss = step(params, opt_state, batch)
+      if pack:
+        rows, packed = random_windows(rng, train_ids, batch_size, context, docs)
+        params, opt_state, loss = step(params, opt_state, *placement.split((rows, packed)))
+      else:
+        batch = placement.split(random_windows(rng, train_ids, batch_size, context))
+        params, opt_state, loss = step(params, opt_state, batch)
       if placement.devices > 1:
         # One step in flight on a mesh. With 8 CPU devices on 2 cores, letting steps queue up
         # (asynchronous dispatch) twice ended in an all-reduce that never gathered all 8
@@ -326,6 +384,10 @@ def plot(history, path) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                      help="GPT-2's architecture or Llama's (RoPE, SwiGLU, RMS norm, GQA)")
+  parser.add_argument("--pack", action="store_true",
+                      help="rows packed from the documents, with segment ids")
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--context", type=int, default=64)
@@ -370,7 +432,8 @@ def main(argv=None) -> int:
   if args.distributed:
     jax.distributed.initialize()
   dtype = None if args.dtype == "float32" else jnp.dtype(args.dtype)
-  result = train(steps=args.steps, batch_size=args.batch_size, context=args.context,
+  result = train(steps=args.steps, batch_size=args.batch_size, arch=args.arch, pack=args.pack,
+                 context=args.context,
                  features=args.features, layers=args.layers, heads=args.heads, lr=args.lr,
                  warmup=args.warmup, seed=args.seed, impl=args.impl, dtype=dtype,
                  remat=args.remat, devices=args.devices, eval_every=args.eval_every,

@@ -26,7 +26,7 @@ from jlayers.rotary import rotary_embedding
 from jlayers.gated import geglu, swiglu
 from jlayers.linear_cross_entropy import linear_cross_entropy
 
-from jlayers import _ops, layers, reference, testing  # noqa: E402 (after the ops)
+from jlayers import _ops, checkpoints, layers, reference, testing  # noqa: E402 (after the ops)
 from jlayers._ops import Op, op, register_op, registered_ops, unregister_op
 from jlayers._platform import formulation
 from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embedding, Flatten,
@@ -35,7 +35,7 @@ from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embeddi
 from jlayers.models import Composite, Remat, Residual, Scope, Sequential
 from jlayers.parallel import DataParallel
 from jlayers.testing import grad_differences, max_grad_difference
-from jlayers.transformer import TransformerLM, transformer_block
+from jlayers.transformer import DecoderBlock, TransformerLM, llama3_frequencies, transformer_block
 
 __version__ = "0.3.0"
 
@@ -82,5 +82,9 @@ __all__ = [
     "Sequential",
     "SiLU",
     "TransformerLM",
+    "DecoderBlock",
+    "llama3_frequencies",
     "transformer_block",
+    # Hugging Face checkpoints
+    "checkpoints",
 ]

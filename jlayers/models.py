@@ -27,8 +27,9 @@ class Scope:
   """Calls a layer's children inside its ``apply``, threading params, state, keys, ``train``
   and ``impl``.
 
-  ``scope(name, child, x)`` runs ``child.apply(params[name], state[name], x, ...)`` with the
-  key ``fold_in(key, hash(name))``, so no two children share a key, records the child's new
+  ``scope(name, child, x, **inputs)`` runs ``child.apply(params[name], state[name], x,
+  **inputs, ...)`` (``inputs``: further arrays the child's ``apply`` takes by name, such as
+  attention's ``positions``) with the key ``fold_in(key, hash(name))``, so no two children share a key, records the child's new
   state under ``name`` (:attr:`state`) and returns its output. Calling the same name again
   with the same child reuses its params (weight sharing). :class:`Composite` creates it; any
   ``Layer`` subclass may use it in its own ``apply``.
@@ -48,12 +49,12 @@ class Scope:
     self.state: dict[str, Any] = {}
     self.called: dict[str, Layer] = {}
 
-  def __call__(self, name: str, child: Layer, x):
+  def __call__(self, name: str, child: Layer, x, **inputs):
     _check_child(self.where, name, child, self.called)
     state = self.state.get(name, self.old_state.get(name, {}))
     try:
       y, s = child.apply(self.params.get(name, {}), state, x, key=_child_key(self.key, name),
-                         train=self.train, impl=self.impl)
+                         train=self.train, impl=self.impl, **inputs)
     except KeyError:
       for what, tree in (("params", self.params), ("state", self.old_state)):
         if name not in tree and tree:  # the child's entry is missing, or under another name
@@ -69,6 +70,11 @@ class Scope:
     methods (``Embedding.attend`` of tied output logits)."""
     _check_called(self.where, name, self.called)
     return self.params.get(name, {})
+
+  def skip(self, name: str, child: Layer) -> None:
+    """Declares child ``name`` not called this time (its params stay unused without error):
+    for a forward that stops early, such as a language model returning its hidden states."""
+    _check_child(self.where, name, child, self.called)
 
   def check_unused(self) -> None:
     """Raises ``ValueError`` for params or state entries that no child was called for."""
@@ -95,11 +101,14 @@ class _Recorder:
     return self.called[name].init(jax.random.key(0), struct.shape,
                                   input_dtype=struct.dtype)[0]
 
-  def __call__(self, name: str, child: Layer, x):
+  def skip(self, name: str, child: Layer) -> None:
+    _check_child(self.where, name, child, self.called)
+
+  def __call__(self, name: str, child: Layer, x, **inputs):
     _check_child(self.where, name, child, self.called)
     self.inputs.setdefault(name, jax.ShapeDtypeStruct(x.shape, x.dtype))
     params, state = child.init(jax.random.key(0), x.shape, input_dtype=x.dtype)
-    return child.apply(params, state, x, train=False)[0]
+    return child.apply(params, state, x, train=False, **inputs)[0]
 
 
 def _check_called(where: str, name, called: dict) -> None:
@@ -123,7 +132,9 @@ class Composite(Layer):
   """A layer made of named children, written as one ``forward(scope, x)``.
 
   Subclasses define ``forward``, calling each child as ``scope(name, child, x)`` and combining
-  the results with any jnp code; :meth:`init` and :meth:`apply` come from it. ``params`` and
+  the results with any jnp code; :meth:`init` and :meth:`apply` come from it. Arrays passed to
+  ``apply`` by name (``apply(params, state, x, positions=p)``) reach ``forward`` as keywords
+  (``forward(scope, x, positions=p)``); ``init`` calls ``forward`` without them. ``params`` and
   ``state`` are dicts from the children's names to their dicts (only children that have any).
 
   Examples:
@@ -151,7 +162,7 @@ class Composite(Layer):
 
   kind: ClassVar[str] = "composite"
 
-  def forward(self, scope, x):
+  def forward(self, scope, x, **inputs):
     """The computation: ``scope(name, child, x)`` calls a child (see :class:`Scope`)."""
     raise NotImplementedError
 
@@ -170,11 +181,11 @@ class Composite(Layer):
         state[name] = s
     return params, state
 
-  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual", **inputs):
     where = type(self).__name__
     _checks.static_call(where, train, impl)
     scope = Scope(where, params, state, key=key, train=train, impl=impl)
-    y = self.forward(scope, x)
+    y = self.forward(scope, x, **inputs)
     scope.check_unused()
     return y, scope.state
 
@@ -249,13 +260,13 @@ class Remat(Layer):
   def init(self, key, input_shape, *, input_dtype=jnp.float32):
     return self.layer.init(key, input_shape, input_dtype=input_dtype)
 
-  def apply(self, params, state, x, *, key=None, train=False, impl="manual"):
+  def apply(self, params, state, x, *, key=None, train=False, impl="manual", **inputs):
     _checks.static_call("Remat", train, impl)
 
-    def run(params, state, x, key):
-      return self.layer.apply(params, state, x, key=key, train=train, impl=impl)
+    def run(params, state, x, key, inputs):
+      return self.layer.apply(params, state, x, key=key, train=train, impl=impl, **inputs)
 
-    return jax.checkpoint(run, policy=self.policy)(params, state, x, key)
+    return jax.checkpoint(run, policy=self.policy)(params, state, x, key, inputs)
 
 
 @dataclasses.dataclass(frozen=True)

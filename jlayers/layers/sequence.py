@@ -15,6 +15,8 @@ from jlayers.embedding import embedding_op
 from jlayers.layers import base
 from jlayers.layers.base import Initializer, Layer
 from jlayers.linear import linear_op
+from jlayers.normalization import rms_norm_op
+from jlayers.rotary import rotary_embedding_op
 
 default_embed_init = initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 """Flax's embedding initialiser: unit-variance rows."""
@@ -76,29 +78,43 @@ class Embedding(Layer):
 
 @dataclasses.dataclass(frozen=True)
 class MultiHeadAttention(Layer):
-  r"""Multi-head dot-product attention with grouped-query heads.
+  r"""Multi-head (grouped-query) attention with rotary positions, QK-norm, windows, soft caps
+  and sinks: projections, attention, output projection.
 
   For ``x: float[B, T, F]`` (and ``inputs_kv: float[B, S, F_kv]``, default ``x``):
 
   .. math::
-    q = x W_q + b_q, \quad k = x_{kv} W_k + b_k, \quad v = x_{kv} W_v + b_v, \quad
+    q = \mathrm{rope}(\mathrm{norm}(x W_q + b_q)), \quad
+    k = \mathrm{rope}(\mathrm{norm}(x_{kv} W_k + b_k)), \quad v = x_{kv} W_v + b_v, \quad
     y = \mathrm{attention}(q, k, v)\, W_o + b_o
 
   with ``num_heads`` query heads and ``num_kv_heads`` key/value heads (default
   ``num_heads``; a divisor of it: grouped-query, ``1``: multi-query) of size
-  ``qkv_features // num_heads``. The four projections run through :func:`jlayers.linear` and
-  the attention through :func:`jlayers.dot_product_attention` (``causal``, ``mask``, the
-  default ``1/√H`` scale), so every backward pass is manual under ``impl="manual"``.
+  ``qkv_features // num_heads``. ``norm`` (``qk_norm=True``, Qwen3 and Gemma 3) is an RMS norm
+  of each head's query and key over its features with a learned scale per feature (applied as
+  ``qk_norm_scale_offset + w``); ``rope`` (``rotary_base`` set) is
+  :func:`jlayers.rotary_embedding` at ``positions`` with ``rotary_base``, ``rotary_dim``,
+  ``rotary_interleaved`` and ``rotary_frequencies``. The attention is
+  :func:`jlayers.dot_product_attention` with ``causal``, ``local_window_size``,
+  ``logits_soft_cap``, ``scale`` (default ``1/√H``), ``sinks`` (a learned logit per query
+  head, initialised to 0) and, from ``apply``, ``mask`` and ``segment_ids``. Every op runs
+  its manual rule under ``impl="manual"``.
 
   Params: ``{"query", "key", "value", "out"}``, each ``{"kernel": float[in, out], "bias":
-  float[out]}`` (no ``"bias"`` with ``use_bias=False``): query ``[F, N·H]``, key and value
-  ``[F_kv, K·H]``, out ``[N·H, out_features]``. No state. ``qkv_features`` defaults to ``F``,
-  ``out_features`` to ``F``, ``kv_features`` (the features of ``inputs_kv``) to ``F``.
-  ``dtype``, ``param_dtype`` and ``precision`` work as for :class:`jlayers.Linear`.
+  float[out]}``: query ``[F, N·H]``, key and value ``[F_kv, K·H]``, out
+  ``[N·H, out_features]``; biases where ``use_bias`` (all four), or ``qkv_bias`` and
+  ``out_bias`` when given (Qwen2: ``qkv_bias=True, out_bias=False``); with ``qk_norm``,
+  ``"query_norm"`` and ``"key_norm"`` ``{"scale": float[H]}``; with ``sinks``,
+  ``"sinks": float[N]``. No state. ``qkv_features`` defaults to ``F``, ``out_features`` to
+  ``F``, ``kv_features`` (the features of ``inputs_kv``) to ``F``. ``dtype``,
+  ``param_dtype`` and ``precision`` work as for :class:`jlayers.Linear`.
 
-  ``apply(params, state, x, *, inputs_kv=None, mask=None, ...)``: ``mask`` is a bool of rank
-  4 broadcastable to ``[B, num_heads, T, S]`` (True: may attend), e.g. ``[B, 1, 1, S]`` for
-  padded keys. There is no dropout on the attention weights.
+  ``apply(params, state, x, *, inputs_kv=None, mask=None, positions=None, segment_ids=None,
+  ...)``: ``mask`` is a bool of rank 4 broadcastable to ``[B, num_heads, T, S]`` (True: may
+  attend); ``positions: int[T]`` or ``int[B, T]`` (default ``0..T−1``; keys take the same,
+  so self-attention) rotate queries and keys; ``segment_ids: int[B, T]`` keep each query to
+  the keys of its own segment (packed rows; self-attention). There is no dropout on the
+  attention weights.
   """
 
   kind: ClassVar[str] = "multi_head_attention"
@@ -107,9 +123,22 @@ class MultiHeadAttention(Layer):
   num_kv_heads: int | None = None
   causal: bool = False
   use_bias: bool = True
+  qkv_bias: bool | None = None
+  out_bias: bool | None = None
   qkv_features: int | None = None
   out_features: int | None = None
   kv_features: int | None = None
+  rotary_base: float | None = None
+  rotary_dim: int | None = None
+  rotary_interleaved: bool = False
+  rotary_frequencies: tuple[float, ...] | None = None
+  local_window_size: int | tuple[int, int] | None = None
+  logits_soft_cap: float | None = None
+  scale: float | None = None
+  qk_norm: bool = False
+  qk_norm_eps: float = 1e-6
+  qk_norm_scale_offset: float = 0.0
+  sinks: bool = False
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -119,14 +148,32 @@ class MultiHeadAttention(Layer):
   def __post_init__(self):
     where = "MultiHeadAttention"
     _checks.positive_int(where, "num_heads", self.num_heads)
-    for name in ("num_kv_heads", "qkv_features", "out_features", "kv_features"):
+    for name in ("num_kv_heads", "qkv_features", "out_features", "kv_features", "rotary_dim"):
       if getattr(self, name) is not None:
         _checks.positive_int(where, name, getattr(self, name))
     if self.num_heads % self.kv_heads:
       raise ValueError(f"{where}: num_kv_heads={self.kv_heads} must divide "
                        f"num_heads={self.num_heads}")
-    _checks.flag(where, "causal", self.causal)
-    _checks.flag(where, "use_bias", self.use_bias)
+    for name in ("causal", "use_bias", "rotary_interleaved", "qk_norm", "sinks"):
+      _checks.flag(where, name, getattr(self, name))
+    for name in ("qkv_bias", "out_bias"):
+      if getattr(self, name) is not None:
+        _checks.flag(where, name, getattr(self, name))
+    if self.rotary_base is not None:
+      base.set_field(self, "rotary_base",
+                     _checks.positive_float(where, "rotary_base", self.rotary_base))
+    elif self.rotary_dim is not None or self.rotary_frequencies is not None:
+      raise ValueError(f"{where}: rotary_dim and rotary_frequencies need rotary_base (the "
+                       "rotary embedding is off without it)")
+    if self.rotary_frequencies is not None:
+      base.set_field(self, "rotary_frequencies",
+                     tuple(_checks.real(where, "rotary_frequencies[i]", f)
+                           for f in self.rotary_frequencies))
+    if self.logits_soft_cap is not None:
+      _checks.positive_float(where, "logits_soft_cap", self.logits_soft_cap)
+    _checks.optional_finite(where, "scale", self.scale)
+    _checks.positive_float(where, "qk_norm_eps", self.qk_norm_eps)
+    _checks.real(where, "qk_norm_scale_offset", self.qk_norm_scale_offset)
     base.check_dtypes(self)
     base.set_field(self, "precision", _checks.precision(where, self.precision))
     _checks.initializer(where, "kernel_init", self.kernel_init)
@@ -135,6 +182,10 @@ class MultiHeadAttention(Layer):
   @property
   def kv_heads(self) -> int:
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  def _has_bias(self, name: str) -> bool:
+    given = self.out_bias if name == "out" else self.qkv_bias
+    return self.use_bias if given is None else given
 
   def _sizes(self, features: int) -> dict[str, tuple[int, int]]:
     qkv = self.qkv_features or features
@@ -150,25 +201,47 @@ class MultiHeadAttention(Layer):
   def init(self, key, input_shape, *, input_dtype=jnp.float32):
     shape = _checks.shape_of("MultiHeadAttention", input_shape, rank=3)
     params = {}
-    for k, (name, (n_in, n_out)) in zip(jax.random.split(key, 4),
-                                        self._sizes(shape[-1]).items()):
+    sizes = self._sizes(shape[-1])
+    for k, (name, (n_in, n_out)) in zip(jax.random.split(key, 4), sizes.items()):
       k_key, b_key = jax.random.split(k)
       params[name] = {"kernel": self.kernel_init(k_key, (n_in, n_out), self.param_dtype)}
-      if self.use_bias:
+      if self._has_bias(name):
         params[name]["bias"] = self.bias_init(b_key, (n_out,), self.param_dtype)
+    head = sizes["query"][1] // self.num_heads
+    if self.qk_norm:
+      for name in ("query_norm", "key_norm"):
+        params[name] = {"scale": jnp.full((head,), 1 - self.qk_norm_scale_offset,
+                                          self.param_dtype)}
+    if self.sinks:
+      params["sinks"] = jnp.zeros((self.num_heads,), self.param_dtype)
     return params, {}
 
+  def _names(self) -> tuple[str, ...]:
+    return (("query", "key", "value", "out") + (("query_norm", "key_norm") if self.qk_norm
+                                                 else ()) + (("sinks",) if self.sinks else ()))
+
   def _project(self, params, name, x, impl):
-    names = ("kernel", "bias") if self.use_bias else ("kernel",)
-    if not isinstance(params, dict) or name not in params:
-      base.entries(self, params, "params", ("query", "key", "value", "out"))
+    names = ("kernel", "bias") if self._has_bias(name) else ("kernel",)
     weights = base.entries(self, params[name], f"params[{name!r}]", names)
     return linear_op.select(impl)(x, *weights, precision=self.precision)
 
-  def apply(self, params, state, x, *, inputs_kv=None, mask=None, key=None, train=False,
-            impl="manual"):
+  def _norm(self, params, name, x, impl):
+    (w,) = base.entries(self, params[name], f"params[{name!r}]", ("scale",))
+    w = w.astype(_checks.at_least_float32(w.dtype)) + self.qk_norm_scale_offset
+    return rms_norm_op.select(impl)(x, w.astype(x.dtype), eps=self.qk_norm_eps)
+
+  def _rope(self, x, positions, impl):
+    frequencies = (None if self.rotary_frequencies is None
+                   else jnp.asarray(self.rotary_frequencies, jnp.float32))
+    return rotary_embedding_op.select(impl)(
+        x, positions, base=self.rotary_base, rotary_dim=self.rotary_dim,
+        interleaved=self.rotary_interleaved, frequencies=frequencies)
+
+  def apply(self, params, state, x, *, inputs_kv=None, mask=None, positions=None,
+            segment_ids=None, key=None, train=False, impl="manual"):
     where = "MultiHeadAttention"
     _checks.static_call(where, train, impl)
+    base.entries(self, params, "params", self._names())
     x = base.compute_dtype(self, x)
     kv = x if inputs_kv is None else base.compute_dtype(self, inputs_kv)
     for name, a in (("x", x), ("inputs_kv", kv)):
@@ -180,10 +253,25 @@ class MultiHeadAttention(Layer):
       if a.shape[-1] != want:
         raise ValueError(f"{where}: {name} must have {want} features (as at init), got shape "
                          f"{tuple(a.shape)}")
+    if (positions is not None or segment_ids is not None) and inputs_kv is not None:
+      raise ValueError(f"{where}: positions and segment_ids are for self-attention (no "
+                       "inputs_kv)")
     b, t = x.shape[:2]
     head = sizes["query"][1] // self.num_heads
     q = self._project(params, "query", x, impl).reshape(b, t, self.num_heads, head)
     k, v = (self._project(params, name, kv, impl).reshape(b, kv.shape[1], self.kv_heads, head)
             for name in ("key", "value"))
-    o = dot_product_attention_op.select(impl)(q, k, v, mask=mask, causal=self.causal)
+    if self.qk_norm:
+      q, k = self._norm(params, "query_norm", q, impl), self._norm(params, "key_norm", k, impl)
+    if positions is not None and self.rotary_base is None:
+      raise ValueError(f"{where}: positions were given, but the layer has no rotary embedding "
+                       "(rotary_base=None)")
+    if self.rotary_base is not None:
+      if positions is None:
+        positions = jnp.arange(t, dtype=jnp.int32)
+      q, k = self._rope(q, positions, impl), self._rope(k, positions, impl)
+    o = dot_product_attention_op.select(impl)(
+        q, k, v, mask=mask, causal=self.causal, scale=self.scale,
+        local_window_size=self.local_window_size, logits_soft_cap=self.logits_soft_cap,
+        q_segment_ids=segment_ids, sinks=params["sinks"] if self.sinks else None)
     return self._project(params, "out", o.reshape(b, t, self.num_heads * head), impl), state
