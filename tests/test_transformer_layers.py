@@ -3,6 +3,8 @@ MultiHeadAttention — params, the ops they call, dtypes, impl, errors. (Whole t
 manual gradients against autodiff in float64: the README's example and the character model's
 tests.)"""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,70 @@ def test_cross_attention_with_a_mask():
   np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
   with pytest.raises(ValueError, match=r"inputs_kv must have 3 features \(as at init\)"):
     layer.apply(params, {}, x, inputs_kv=x)
+
+
+def test_attention_with_qk_norm_rotary_sinks_window_and_split_biases():
+  """Every new option of MultiHeadAttention at once, against its composition written here
+  from the equations (plain jnp: RMS norm of each head, rotate-half rotary embedding, softmax
+  with the sink in the denominator and the window as a mask), and manual gradients against
+  autodiff in float64."""
+  mha = L.MultiHeadAttention(4, num_kv_heads=2, causal=True, qkv_bias=True, out_bias=False,
+                             use_bias=False, rotary_base=100.0, qk_norm=True,
+                             qk_norm_scale_offset=1.0, sinks=True, local_window_size=(2, 0),
+                             logits_soft_cap=3.0, scale=0.4, param_dtype=jnp.float64)
+  with (jax.enable_x64(True), jax.numpy_rank_promotion("allow"),
+        jax.numpy_dtype_promotion("standard")):
+    x = _x((2, 6, 8), dtype=jnp.float64)
+    params, _ = mha.init(jax.random.key(0), x.shape)
+    assert sorted(params) == ["key", "key_norm", "out", "query", "query_norm", "sinks",
+                              "value"]
+    assert "bias" in params["query"] and "bias" not in params["out"]
+    np.testing.assert_array_equal(params["query_norm"]["scale"], 0.0)  # applied as 1 + w
+    params = jax.tree_util.tree_map(lambda p: p + 0.1 * _x(p.shape, 3, jnp.float64), params)
+    pos = jnp.array([[0, 1, 2, 0, 1, 2], [5, 6, 7, 8, 9, 10]])
+
+    def plain(params):
+      def proj(name, heads):
+        p = params[name]
+        return (x @ p["kernel"] + p.get("bias", 0)).reshape(2, 6, heads, 2)
+
+      def norm(a, w):
+        return a / jnp.sqrt(jnp.mean(a * a, -1, keepdims=True) + 1e-6) * (1 + w)
+
+      def rope(a):
+        theta = pos[:, :, None, None] * 100.0 ** -(jnp.arange(1) / 1)  # one pair: (0, 1)
+        c, s = jnp.cos(theta), jnp.sin(theta)
+        return jnp.concatenate([a[..., :1] * c - a[..., 1:] * s,
+                                a[..., 1:] * c + a[..., :1] * s], -1)
+
+      q = rope(norm(proj("query", 4), params["query_norm"]["scale"]))
+      k = jnp.repeat(rope(norm(proj("key", 2), params["key_norm"]["scale"])), 2, axis=2)
+      v = jnp.repeat(proj("value", 2), 2, axis=2)
+      z = 3.0 * jnp.tanh(jnp.einsum("btnh,bsnh->bnts", q, k) * 0.4 / 3.0)
+      i, j = jnp.arange(6)[:, None], jnp.arange(6)[None, :]
+      e = jnp.where((j <= i) & (j >= i - 2), jnp.exp(z), 0.0)
+      p = e / (e.sum(-1, keepdims=True) + jnp.exp(params["sinks"])[None, :, None, None])
+      o = jnp.einsum("bnts,bsnh->btnh", p, v).reshape(2, 6, 8)
+      return o @ params["out"]["kernel"]
+
+    def ours(params, impl):
+      return mha.apply(params, {}, x, positions=pos, impl=impl)[0]
+
+    np.testing.assert_allclose(ours(params, "manual"), plain(params), rtol=1e-12, atol=1e-13)
+    loss = lambda p, impl: jnp.sum(jnp.sin(ours(p, impl)))  # noqa: E731
+    assert jlayers.max_grad_difference(lambda p, impl: loss(p, impl), params) <= 1e-12
+    grads = jax.grad(lambda p: jnp.sum(jnp.sin(plain(p))))(params)
+    for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(loss)(params, "manual")):
+      want = functools.reduce(lambda t, k: t[k.key], path, grads)
+      np.testing.assert_allclose(g, want, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_refuses_positions_without_rotary_and_rotary_options_without_base():
+  mha = L.MultiHeadAttention(2)
+  params, _ = mha.init(jax.random.key(0), (1, 3, 4))
+  with pytest.raises(ValueError, match="positions were given, but the layer has no rotary"):
+    mha.apply(params, {}, jnp.ones((1, 3, 4)), positions=jnp.arange(3))
+  with pytest.raises(ValueError, match="rotary_dim and rotary_frequencies need rotary_base"):
+    L.MultiHeadAttention(2, rotary_dim=2)
+  with pytest.raises(ValueError, match="logits_soft_cap must be a positive float"):
+    L.MultiHeadAttention(2, logits_soft_cap=-1.0)
