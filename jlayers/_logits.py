@@ -21,6 +21,17 @@ def where_mask(op: str, where, logits, axis: int):
   return None if where is None else _sharding.reshard_like(where, logits)
 
 
+def labels_like(labels, logits, axis: int | None = None):
+  """``labels`` laid out as ``logits`` where the types carry shardings: integer labels (of
+  ``logits.shape`` without ``axis``) take the sharding of the logits' other axes, probability
+  labels (``axis=None``, ``logits.shape``) that of the logits. Replicated labels, or constants
+  a loss closes over, next to batch-split logits would make every select, gather and product
+  between them ambiguous; splitting them is a local slice, and autodiff lays the gradient of
+  probability labels out as they came."""
+  axes = None if axis is None else tuple(a for a in range(logits.ndim) if a != axis)
+  return _sharding.reshard_like(labels, logits, axes)
+
+
 def label_index(labels, num_classes: int):
   """Returns ``(idx, in_range)``: labels clipped into ``[0, C)`` as int32, and ``0 <= label < C``.
 

@@ -26,7 +26,8 @@ def _validate_int(logits, labels, axis, where, label_smoothing):
     raise TypeError(f"{_OP}: labels must have an integer dtype, got {labels.dtype}")
   _checks.shape(_OP, "labels", labels, _checks.without_axis(logits.shape, axis),
                 "(logits.shape without the class axis)")
-  return (logits, labels, axis, _logits.where_mask(_OP, where, logits, axis),
+  return (logits, _logits.labels_like(labels, logits, axis), axis,
+          _logits.where_mask(_OP, where, logits, axis),
           _checks.real(_OP, "label_smoothing", label_smoothing, 0, 1))
 
 

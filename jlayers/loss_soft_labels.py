@@ -22,7 +22,8 @@ def _validate_prob(logits, labels, axis, where):
   logits, axis = _checks.class_logits(_OP, logits, axis)
   labels = _checks.floating(_OP, "labels", labels)
   _checks.shape(_OP, "labels", labels, logits.shape, "(logits.shape)")
-  return logits, labels, axis, _logits.where_mask(_OP, where, logits, axis)
+  return (logits, _logits.labels_like(labels, logits), axis,
+          _logits.where_mask(_OP, where, logits, axis))
 
 
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *, axis: int = -1,

@@ -7,6 +7,8 @@ all; importing this module runs nothing.
   ``jit`` with the batch split over an 8-device mesh, for explicit and auto axes (and both
   formulations of the platform-dependent rules): compiles or not, the relative error against
   the same function on one device, and the collectives of the compiled program.
+* ``loss_layouts``: every loss with its labels and ``where`` split as the logits, replicated
+  or closed over as constants, explicit and auto axes, against one device.
 * ``train_step``: one training step of the digits CNN on 8 devices against 1 device.
 * ``charlm_step``: the same for the character transformer of ``examples/train_charlm.py``.
 * ``sync_batch_norm``: batch norm with ``axis_name`` under shard_map, pmap and vmap.
@@ -105,6 +107,75 @@ def op_rows() -> list[dict]:
             except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
               row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
+  return rows
+
+
+def loss_layouts() -> list[dict]:
+  """Every loss (both cross-entropies and ``linear_cross_entropy``, manual and twin) with the
+  logits (or ``x``) split over the batch and the labels and ``where`` split likewise,
+  replicated, or NumPy constants the jitted function closes over; value and gradient under
+  ``jit``, explicit and auto axes, against the same function on one device."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  import jlayers  # noqa: PLC0415
+  from jlayers.testing import MESH_BATCH  # noqa: PLC0415
+
+  rng = np.random.default_rng(3)
+  n = MESH_BATCH
+  logits, x = rng.standard_normal((n, 5), np.float32), rng.standard_normal((n, 4), np.float32)
+  w = rng.standard_normal((4, 7), np.float32)
+  soft = np.exp(rng.standard_normal((n, 5))).astype(np.float32)
+  soft /= soft.sum(-1, keepdims=True)
+  where = np.arange(n) % 3 != 1
+  cases = {  # (function of (diff args, labels, where), diff args, labels)
+      "softmax_cross_entropy_with_integer_labels": (
+          lambda f, d, y, m: f(d[0], y, where=m, label_smoothing=0.1), (logits,),
+          rng.integers(0, 5, n).astype(np.int32)),
+      "softmax_cross_entropy": (lambda f, d, y, m: f(d[0], y, where=m), (logits,), soft),
+      "linear_cross_entropy": (lambda f, d, y, m: f(d[0], d[1], y, where=m, z_loss=0.01),
+                               (x, w), rng.integers(0, 7, n).astype(np.int32)),
+      "linear_cross_entropy-mean": (
+          lambda f, d, y, m: f(d[0], d[1], y, where=m, reduction="mean"), (x, w),
+          rng.integers(0, 7, n).astype(np.int32)),
+  }
+  rows = []
+  for name, (call, diff, labels) in cases.items():
+    op = name.split("-")[0]
+    for impl, fn in (("manual", getattr(jlayers, op)), ("twin", getattr(jlayers.reference, op))):
+      floats = labels.dtype == np.float32
+
+      def run(diff, labels, where, fn=fn, call=call, floats=floats):
+        def loss(diff, labels):
+          return jnp.sum(call(fn, diff, labels, where))
+        argnums = (0, 1) if floats else 0
+        return jax.value_and_grad(loss, argnums=argnums)(diff, labels)
+
+      want = jax.jit(run)(diff, labels, where)
+      for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+        mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
+        for layout in ("split", "replicated", "constant"):
+          row = {"loss": name, "impl": impl, "mode": mode, "layout": layout}
+          try:
+            with jax.set_mesh(mesh):
+              put = lambda a, s, mesh=mesh: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+              s_diff = (put(diff[0], P("batch")), *(put(a, P()) for a in diff[1:]))
+              if layout == "constant":
+                f = jax.jit(lambda d, run=run, labels=labels: run(d, labels, where))
+                args = (s_diff,)
+              else:
+                spec = P("batch") if layout == "split" else P()
+                f, args = jax.jit(run), (s_diff, put(labels, spec), put(where, spec))
+              compiled = f.lower(*args).compile()
+              got = compiled(*args)
+            row.update(compiles=True, rel_err=rel_err(got, want),
+                       **collectives(compiled.as_text(), MESH_BATCH))
+          except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
+            row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:500])
+          rows.append(row)
   return rows
 
 
@@ -250,8 +321,8 @@ def run() -> dict:
   if jax.device_count() < DEVICES:
     return {"error": f"needs {DEVICES} devices, got {jax.device_count()}"}
   report = {}
-  for name, fn in (("ops", op_rows), ("train_step", train_step), ("charlm_step", charlm_step),
-                   ("sync_batch_norm", sync_batch_norm)):
+  for name, fn in (("ops", op_rows), ("loss_layouts", loss_layouts), ("train_step", train_step),
+                   ("charlm_step", charlm_step), ("sync_batch_norm", sync_batch_norm)):
     try:
       report[name] = fn()
     except Exception:  # noqa: BLE001  (the test reports the section's traceback)

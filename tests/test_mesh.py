@@ -58,6 +58,29 @@ def test_rule_on_a_batch_split_over_eight_devices(report, op, case, form, impl, 
     assert row["batch_sized"] == 0, row["shapes"]
 
 
+LOSS_ROWS = [pytest.param(loss, impl, mode, layout, id=f"{loss}-{impl}-{mode}-{layout}")
+             for loss in ("softmax_cross_entropy_with_integer_labels", "softmax_cross_entropy",
+                          "linear_cross_entropy", "linear_cross_entropy-mean")
+             for impl in ("manual", "twin") for mode in ("explicit", "auto")
+             for layout in ("split", "replicated", "constant")]
+
+
+@pytest.mark.parametrize("loss, impl, mode, layout", LOSS_ROWS)
+def test_losses_take_labels_and_masks_in_any_sharding(report, loss, impl, mode, layout):
+  """Logits (or x) split over 8 devices, labels and ``where`` split likewise, replicated, or
+  constants closed over: value and gradient compile and equal the one-device result, and the
+  manual rules gather nothing of the batch's size, except the gradient of replicated
+  probability labels, which is replicated as they are."""
+  rows = [r for r in _section(report, "loss_layouts")
+          if (r["loss"], r["impl"], r["mode"], r["layout"]) == (loss, impl, mode, layout)]
+  assert len(rows) == 1
+  row = rows[0]
+  assert row["compiles"], row.get("error")
+  assert row["rel_err"] <= REL_TOL, row
+  if impl == "manual" and (loss, layout) != ("softmax_cross_entropy", "replicated"):
+    assert row["batch_sized"] == 0, row["shapes"]
+
+
 @pytest.mark.parametrize("impl", ["manual", "autodiff"])
 def test_eight_device_training_step_equals_one_device_step(report, impl):
   """The digits example's step, data-parallel on 8 devices (params and state replicated, the
