@@ -192,8 +192,11 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None):
     carry["dw"] = _token_blocks.add_outer(carry["dw"], fresh_x, ds, cols)
     return carry
 
-  if n:
-    carry = lax.fori_loop(0, -(-n // b), step, carry)
+  blocks = -(-n // b) if n else 0
+  if blocks == 1:  # no loop: XLA then fuses the block with what surrounds it
+    carry = step(0, carry)
+  elif blocks:
+    carry = lax.fori_loop(0, blocks, step, carry)
   if "dw" in carry:
     carry["dw"] = carry["dw"].astype(w.dtype)
   return carry
