@@ -84,7 +84,7 @@ def test_lengths_bias_and_residual_equal_jax_nn_with_gradients(fn):
               + jax.lax.stop_gradient(jnp.sum(jnp.where(rows[..., 0], lse, 0))))
     return jax.value_and_grad(inner, (0, 1, 2, 3))(q, k, v, bias)
 
-  (got, grads), (want, wgrads) = loss(fn), loss(jax.nn.dot_product_attention)
+  (got, grads), (want, wgrads) = jax.jit(lambda: (loss(fn), loss(jax.nn.dot_product_attention)))()
   np.testing.assert_allclose(got, want, rtol=2e-5)
   for a, b in zip(grads, wgrads):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
@@ -109,6 +109,7 @@ def test_packed_rows_equal_each_sequence_alone(fn):
   causal attention, values and gradients."""
   q, k, v = (a[:1] for a in _qkv(5))
   seg = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+  cot = np.random.default_rng(6).standard_normal(q.shape)
 
   def packed(q, k, v):
     return fn(q, k, v, causal=True, q_segment_ids=jnp.asarray(seg))
@@ -117,9 +118,11 @@ def test_packed_rows_equal_each_sequence_alone(fn):
     parts = [fn(q[:, a:b], k[:, a:b], v[:, a:b], causal=True) for a, b in ((0, 3), (3, 5), (5, 9))]
     return jnp.concatenate(parts, axis=1)
 
-  cot = np.random.default_rng(6).standard_normal(q.shape)
-  got = _x64(lambda *a: jax.vjp(packed, *a)[1](jnp.asarray(cot)) + (packed(*a),), q, k, v)
-  want = _x64(lambda *a: jax.vjp(alone, *a)[1](jnp.asarray(cot)) + (alone(*a),), q, k, v)
+  @jax.jit
+  def both(q, k, v, cot):
+    return [(f(q, k, v),) + jax.vjp(f, q, k, v)[1](cot) for f in (packed, alone)]
+
+  got, want = _x64(both, q, k, v, cot)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
 
@@ -136,7 +139,7 @@ def test_sink_gradient_by_hand(fn):
     return jnp.sum(out.ravel() * do) + dl * lse[0, 0, 0]
 
   with jax.enable_x64(True):
-    value, (dv, dsink) = jax.value_and_grad(f, (0, 1))(jnp.asarray(v), jnp.zeros(1))
+    value, (dv, dsink) = jax.jit(jax.value_and_grad(f, (0, 1)))(jnp.asarray(v), jnp.zeros(1))
   assert float(value) == pytest.approx(do @ v / 2 + dl * math.log(2), rel=1e-15)
   np.testing.assert_allclose(dv, do / 2, rtol=1e-15)
   np.testing.assert_allclose(dsink, [0.5 * (dl - do @ v / 2)], rtol=1e-15)
@@ -155,7 +158,8 @@ def test_rows_that_see_nothing_give_zero_output_gradient_and_minus_inf_lse(fn):
     return jnp.sum(out * out), (out, lse)
 
   bias = jnp.ones((1, 1, 5, 5))
-  (_, (out, lse)), grads = jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+  (_, (out, lse)), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2, 3), has_aux=True))(
+      q, k, v, bias)
   assert not any(np.isnan(np.asarray(g)).any() for g in grads)
   np.testing.assert_array_equal(out[0, 4], 0)
   np.testing.assert_array_equal(out[1], 0)
@@ -182,8 +186,8 @@ def test_small_bias_gradient_is_reduced_block_by_block():
     return jnp.sum(jnp.sin(jlayers.dot_product_attention(q, k, v, bias=bias, causal=True)))
 
   with jax.enable_x64(True):
-    d_small = jax.grad(loss)(small)
-    d_full = jax.grad(loss)(jnp.broadcast_to(small, (2, 4, 9, 9)))
+    d_small, d_full = jax.jit(lambda b: (jax.grad(loss)(b), jax.grad(loss)(
+        jnp.broadcast_to(b, (2, 4, 9, 9)))))(small)
   assert d_small.shape == small.shape
   np.testing.assert_allclose(d_small, d_full.sum(axis=(0, 2), keepdims=True), rtol=1e-12)
 
