@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import jax
+import numpy as np
 import pytest
 
 import jlayers
@@ -60,13 +61,17 @@ def test_ci_runs_exactly_the_readmes_test_command():
 
 
 def test_readme_python_blocks_run():
-  tour, transformer, composite, own_op = _readme_blocks("python")
+  tour, llama, transformer, composite, own_op = _readme_blocks("python")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # as users run it (optax mixes int and float)
     exec(compile(tour, "README.md", "exec"), namespace)  # noqa: S102
   for a, b in zip(namespace["g_manual"], namespace["g_auto"]):
     assert float(abs(a - b).max() / abs(b).max()) < 1e-5
   assert namespace["worst"] < 1e-3
+  namespace = {}
+  exec(compile(llama, "README.md", "exec"), namespace)  # noqa: S102
+  assert np.isfinite(float(namespace["loss"]))
+  assert sorted(namespace["grads"]) == ["block_0", "block_1", "embed", "head", "norm"]
   namespace = {}
   exec(compile(transformer, "README.md", "exec"), namespace)  # noqa: S102
   differences = namespace["differences"]
