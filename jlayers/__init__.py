@@ -37,7 +37,7 @@ from jlayers.parallel import DataParallel
 from jlayers.testing import grad_differences, max_grad_difference
 from jlayers.transformer import DecoderBlock, TransformerLM, llama3_frequencies, transformer_block
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     # the ops (manual backward passes), one per declared Op
