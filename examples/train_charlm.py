@@ -9,8 +9,8 @@ The model is :class:`jlayers.TransformerLM`, built from jlayers layers only. ``-
 multi-head attention → residual; LayerNorm → Linear → GELU → Linear → residual), a final
 LayerNorm and output weights tied to the token embedding. ``--arch llama``
 (:meth:`jlayers.TransformerLM.llama`): rotary positions, RMS norms, grouped-query attention
-(half as many key/value heads as query heads), a SwiGLU MLP of ``8/3 · features`` (rounded up
-to a multiple of 32) and an untied output projection. Default size: 4 layers, 4 heads, 128
+(half as many key/value heads as query heads), a SwiGLU MLP of ``2 · features`` and output
+weights tied to the token embedding. Default size: 4 layers, 4 heads, 128
 features, context 64. Every backward pass in it is hand-derived; before training, the whole
 model's gradients through the rules are compared with autodiff of the twins in float64.
 
@@ -102,14 +102,15 @@ def document_ids(length: int) -> np.ndarray:
 def build_model(vocab_size: int, *, arch="gpt", context=64, features=128, layers=4, heads=4,
                 dtype=None, remat=False) -> jlayers.TransformerLM:
   """``arch="gpt"``: GPT-2's architecture; ``"llama"``: Llama's, with ``heads // 2`` key/value
-  heads and a SwiGLU MLP of ``8/3 · features`` rounded up to a multiple of 32."""
+  heads, a SwiGLU MLP of ``2 · features`` (three matrices: ``6 · features²`` params, against
+  GPT's ``8 · features²``) and the output tied to the token embedding (as Llama 3.2's small
+  models)."""
   common = {"features": features, "layers": layers, "heads": heads, "dtype": dtype,
             "remat": remat}
   if arch == "gpt":
     return jlayers.TransformerLM.gpt2(vocab_size, context, **common)
-  mlp = -(-8 * features // 3 // 32) * 32
   return jlayers.TransformerLM.llama(vocab_size, context, num_kv_heads=max(1, heads // 2),
-                                     mlp_features=mlp, **common)
+                                     mlp_features=2 * features, tied=True, **common)
 
 
 def packing(rows, docs):
