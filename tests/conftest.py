@@ -4,18 +4,25 @@ The suite runs on every core (``pytest -n auto``). The 8-device mesh tests read 
 one subprocess (``tests/mesh_worker.py``), which one worker starts in the background as soon
 as they are collected; they are put last, so that it runs while the workers take the rest.
 
-The suite compiles a few thousand tiny programs, and on the CPU most of each compile is LLVM's
-optimisation of the generated code, which none of the tests measures (they check values,
-dtypes and compiled HLO, not speed): the backend's optimisation level is lowered for the test
-process and its subprocesses, before JAX starts its backend. Benchmarks and examples run
-with XLA's defaults.
+The suite compiles a few thousand tiny programs, and on the CPU most of each compile is the
+generation and optimisation of machine code, which none of the tests measures (they check
+values, dtypes and compiled HLO, not speed). For the test process and its subprocesses, set
+before JAX starts its backend: LLVM's optimisation level is lowered; fusions are emitted by
+XLA's loop emitters rather than through its MLIR fusion pipeline (the same fusions, about a
+third of the compile time; a few elementwise functions such as tanh round differently in the
+last bits, as they do between optimisation levels); and each program's code is one LLVM
+module rather than several compiled in parallel (on two shared cores the split costs more
+than it saves).
+Benchmarks and examples run with XLA's defaults.
 """
 
 import os
 
-_FLAG = "--xla_backend_optimization_level=0"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
+          "--xla_cpu_parallel_codegen_split_count=1")
+for _flag in _FLAGS:
+  if _flag.split("=")[0] + "=" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import jax  # noqa: E402
 
