@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
+from helpers import check_vjps_in_one_program
 
 import jlayers
 from jlayers import testing
@@ -41,16 +41,16 @@ def test_public_checker_with_jit_vmap_and_dtypes(grid, case):
 
 @pytest.mark.parametrize("grid, case", REPRESENTATIVE)
 def test_check_grads_second_order_float64(grid, case):
-  # Jitted, one compile per derivative order instead of one per primitive. The platform-
-  # dependent rules in their CPU formulation (what runs here): under jit with both staged, both
-  # would be differentiated, and JAX has no second derivative of a dilated select-and-gather
-  # (the native max-pool rule).
+  """``jax.test_util.check_grads(order=2, modes=("rev",))``: its evaluations in one compiled
+  program (see ``helpers.check_vjps_in_one_program``). The platform-dependent rules in their
+  CPU formulation (what runs here): under jit with both staged, both would be differentiated,
+  and JAX has no second derivative of a dilated select-and-gather (the native max-pool rule)."""
   form = "cpu" if grid.platform_dependent else "auto"
   with jax.enable_x64(True), jlayers.formulation(form):
     args = case.make(np.random.default_rng(1), jnp.float64)
-    f = jax.jit(testing.restrict(grid.manual, case, args))
-    check_grads(f, tuple(args[i] for i in case.diff), order=2, modes=("rev",),
-                atol=1e-6, rtol=1e-6)
+    f = testing.restrict(grid.manual, case, args)
+    check_vjps_in_one_program(f, tuple(args[i] for i in case.diff), order=2, atol=1e-6,
+                              rtol=1e-6)
 
 
 @pytest.mark.parametrize("grid, case", REPRESENTATIVE)
