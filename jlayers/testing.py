@@ -313,8 +313,9 @@ class RuleReport:
 def _compare(manual, reference, case, make, dtype, *, name, rtol, seed, vmap, dtype_args,
              formulations) -> RuleReport:
   """The engine: ``make(rng, dtype)`` builds the arguments, one ``rng`` seeded with ``seed``
-  then draws the cotangent; the twin and the manual rule (traced in each of
-  ``formulations``) run in ONE jitted program, so a case costs one compile."""
+  then draws the cotangent (and, with ``vmap``, a second example); the twin and the manual
+  rule (traced in each of ``formulations``), and the vmap comparison, run in ONE jitted
+  program, so a case costs one compile."""
   dtype = jnp.dtype(dtype)
   x64 = jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
   with x64:
@@ -322,43 +323,46 @@ def _compare(manual, reference, case, make, dtype, *, name, rtol, seed, vmap, dt
     args = make(rng, dtype)
     primals = tuple(args[i] for i in case.diff)
     cot = random_like(rng, jax.eval_shape(restrict(reference, case, args), *primals))
+    second = _second_example(rng, primals, cot) if vmap else None
 
-    def paired(args, primals, cot):
+    def paired(args, primals, cot, second):
       got = []
       for form in formulations:
         with formulation(form):
           got.append(_vjp(manual, case, args, primals, cot))
-      return _vjp(reference, case, args, primals, cot), got
+      batched = (None if second is None else
+                 _vmap_pair(manual, reference, case, args, (primals, cot), second))
+      return _vjp(reference, case, args, primals, cot), got, batched
 
-    (out_r, g_r), got = jax.jit(paired)(args, primals, cot)
+    (out_r, g_r), got, batched = jax.jit(paired)(args, primals, cot, second)
     forward, grads, problems = Error(0.0, 0.0), dict.fromkeys(case.diff, Error(0.0, 0.0)), ()
     for out_m, g_m in got:
       forward = _worse(forward, worst(out_m, out_r))
       grads = {i: _worse(grads[i], worst(a, b)) for i, a, b in zip(case.diff, g_m, g_r)}
       problems += _wrong_gradients(case, primals, g_m, f"{dtype} ")
-    vmap_error = _vmap_error(manual, reference, case, args, primals, cot, rng) if vmap else None
+    vmap_error = worst(*batched) if vmap else None
   if dtype_args is not None:
     problems += _dtype_problems(manual, case, dtype_args)
   return RuleReport(name, str(dtype), forward, grads, vmap_error, tuple(dict.fromkeys(problems)),
                     rtol)
 
 
-def _vmap_error(manual, reference, case, args, primals, cot, rng) -> Error:
-  """The manual VJP under ``vmap`` over two stacked examples against the twin's per example,
-  both in one jitted program."""
+def _second_example(rng, primals, cot):
+  """A second example for the vmap comparison: the primals moved by ``0.1`` times normal
+  noise, and a second cotangent."""
   second = tuple(_host(np.asarray(p) + 0.1 * rng.standard_normal(p.shape), p.dtype)
                  for p in primals)
-  cot2 = random_like(rng, cot)
+  return second, random_like(rng, cot)
+
+
+def _vmap_pair(manual, reference, case, args, one, two):
+  """Traced: the manual VJP under ``vmap`` over the two examples ``(primals, cotangent)``
+  stacked, and the twin's VJP of each, stacked the same way (``(got, want)``)."""
   stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
-
-  def paired(args, one, two):
-    batched = jax.tree_util.tree_map(stack, one, two)
-    got = jax.vmap(lambda p, c: _vjp(manual, case, args, p, c))(*batched)
-    want = [_vjp(reference, case, args, p, c) for p, c in (one, two)]
-    return got, jax.tree_util.tree_map(stack, *want)
-
-  got, want = jax.jit(paired)(args, (primals, cot), (second, cot2))
-  return worst(got, want)
+  batched = jax.tree_util.tree_map(stack, one, two)
+  got = jax.vmap(lambda p, c: _vjp(manual, case, args, p, c))(*batched)
+  want = [_vjp(reference, case, args, p, c) for p, c in (one, two)]
+  return got, jax.tree_util.tree_map(stack, *want)
 
 
 def _dtype_problems(manual, case, args) -> tuple[str, ...]:
