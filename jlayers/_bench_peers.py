@@ -85,6 +85,21 @@ def time_interleaved(runners: dict[str, Callable[[], Any]], steps: int = 10, war
   return times
 
 
+def optax_linear_cross_entropy(x, w, labels, *, reduction: str = "none", **options):
+  """The language-model loss as optax users write it: the whole logits ``x @ w``
+  (``float[..., V]``), then ``optax.softmax_cross_entropy_with_integer_labels`` per token and
+  the reduction (``"none"``, ``"mean"`` or ``"sum"``); differentiated by JAX. No options
+  beyond ``reduction`` (the benchmark's cases use none)."""
+  import optax  # noqa: PLC0415
+
+  if options:
+    raise TypeError(f"optax_linear_cross_entropy takes no {sorted(options)}")
+  loss = optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)
+  if reduction == "none":
+    return loss
+  return loss.mean() if reduction == "mean" else loss.sum()
+
+
 def compiled_step_runner(compiled, carry: tuple, batch: tuple, key: jax.Array,
                          calls: int) -> tuple[Callable[[], Any], int | None]:
   """A no-argument runner of ``compiled(*carry, *batch, key) -> (*carry, loss)`` that feeds each

@@ -17,6 +17,11 @@ timed in alternating rounds so that drift in machine speed falls on all alike; m
   blocks of 128 features, 4 causal heads, tied logits; batch 32, contexts 64 and 512; global
   norm clipping and AdamW) with jlayers manual, jlayers autodiff and, when installed, the same
   architecture in Flax linen.
+* **lm_head** (only when named in ``--sections``: minutes per run) — ``linear_cross_entropy``
+  at a language model's size (8 192 tokens, H = 1 024, V = 32 768, float32, value and gradient
+  for ``reduction="mean"`` and ``"none"``) against its twin (``linear`` then the cross-entropy,
+  autodiff) and optax on the materialised logits; then the compiled temporary memory alone at
+  V = 131 072 and 256 000, where the unfused programs would not fit in memory to run.
 
 Prints a Markdown table; ``--json`` prints the same figures for machines.
 """
@@ -41,15 +46,17 @@ import optax
 
 from jlayers import __version__ as jlayers_version
 from jlayers import _bench_peers as peers
-from jlayers import _platform, testing
+from jlayers import _platform, reference, testing
 from jlayers.grids import GRIDS
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.linear import linear_op
+from jlayers.linear_cross_entropy import linear_cross_entropy_op
 from jlayers.loss import softmax_cross_entropy_with_integer_labels_op as xent_op
 from jlayers.models import Sequential
 from jlayers.transformer import TransformerLM
 
-SECTIONS = ("ops", "linear", "train", "transformer")
+DEFAULT_SECTIONS = ("ops", "linear", "train", "transformer")
+SECTIONS = (*DEFAULT_SECTIONS, "lm_head")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -81,6 +88,10 @@ OP_PEERS: dict[str, Peer] = {
         "attention", "jax.nn.dot_product_attention", "jax.nn", _jax_nn_attention,
         "target: manual temporary memory ≤ 0.1× the twin's at T = 2048, time ≤ 1.0× the "
         "twin's at both lengths"),
+    "linear_cross_entropy": Peer(
+        "linear + cross-entropy", "optax.softmax_cross_entropy_with_integer_labels(x @ w)",
+        "optax", peers.optax_linear_cross_entropy,
+        "the targets are set at a language model's size: see the lm_head section"),
 }
 """Peers of jlayers' ops, keyed by op name: :func:`bench_op` times them as a third
 implementation."""
@@ -285,12 +296,106 @@ def bench_transformer(steps: int, warmup: int, rounds: int, contexts=(64, 512),
   return results
 
 
+LM_HEAD_TARGET = {"temp": 0.05, "time": {"mean": 1.05, "none": 1.4}}
+"""``linear_cross_entropy`` at 8 192 tokens, H = 1 024, V = 32 768 (float32, value and
+gradient): at most ``temp`` × the twin's and optax's compiled temporary memory, and at most
+``time[reduction]`` × the twin's time."""
+
+
+def _lm_head_twin(x, w, labels, *, reduction="none"):
+  """``linear`` then the cross-entropy, both twins (autodiff), then the reduction."""
+  loss = reference.softmax_cross_entropy_with_integer_labels(reference.linear(x, w), labels)
+  return loss if reduction == "none" else getattr(loss, reduction)()
+
+
+def bench_lm_head(steps: int, warmup: int, rounds: int, tokens: int = 8192,
+                  features: int = 1024, vocab: int = 32768,
+                  memory_vocabs: tuple[int, ...] = (131072, 256000),
+                  reductions: tuple[str, ...] = ("mean", "none"), seed: int = 0) -> list[dict]:
+  """Value and gradient (in ``x`` and ``w``, cotangent 1) of ``linear_cross_entropy`` against
+  its twin and optax, float32: timed in alternating rounds at ``vocab``, compiled only (their
+  temporary memory) at each of ``memory_vocabs``.
+
+  Returns:
+    one row per vocabulary and reduction: ``{"tokens", "features", "vocab", "reduction",
+    "timed", "<impl>_temp" and, when timed, "<impl>_ms" for impl in manual, twin, optax,
+    "time_ratio" (manual ÷ twin), "optax_time_ratio", "temp_ratio", "optax_temp_ratio"}``.
+  """
+  impls = {"manual": linear_cross_entropy_op.manual, "twin": _lm_head_twin,
+           "optax": peers.optax_linear_cross_entropy}
+  rng = np.random.default_rng(seed)
+  rows = []
+  for v in (vocab, *memory_vocabs):
+    timed = v == vocab
+    shapes = (((tokens, features), jnp.float32), ((features, v), jnp.float32),
+              ((tokens,), jnp.int32))
+    if timed:
+      args = (jnp.asarray(rng.standard_normal((tokens, features)), jnp.float32),
+              jnp.asarray(rng.standard_normal((features, v)) / features**0.5, jnp.float32),
+              jnp.asarray(rng.integers(0, v, tokens), jnp.int32))
+    else:
+      args = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes)
+    for reduction in reductions:
+      row = {"tokens": tokens, "features": features, "vocab": v, "reduction": reduction,
+             "timed": timed}
+      runners = {}
+      for name, fn in impls.items():
+        def value_and_grad(x, w, labels, fn=fn, reduction=reduction):
+          loss, pullback = jax.vjp(lambda x, w: fn(x, w, labels, reduction=reduction), x, w)
+          return loss, pullback(jnp.ones_like(loss))
+
+        compiled = jax.jit(value_and_grad).lower(*args).compile()
+        analysis = compiled.memory_analysis()
+        row[f"{name}_temp"] = None if analysis is None else int(analysis.temp_size_in_bytes)
+        if timed:
+          runners[name] = functools.partial(compiled, *args)
+      if timed:
+        for name, times in peers.time_interleaved(runners, steps, warmup, rounds).items():
+          row[f"{name}_ms"] = statistics.median(times)
+        row["time_ratio"] = row["manual_ms"] / row["twin_ms"]
+        row["optax_time_ratio"] = row["manual_ms"] / row["optax_ms"]
+      for peer, key in (("twin", "temp_ratio"), ("optax", "optax_temp_ratio")):
+        row[key] = (row["manual_temp"] / row[f"{peer}_temp"]
+                    if row["manual_temp"] is not None and row[f"{peer}_temp"] else None)
+      rows.append(row)
+      del runners
+  return rows
+
+
+def print_lm_head_table(rows, out=sys.stdout):
+  t = LM_HEAD_TARGET
+  a = rows[0]
+  print(f"linear_cross_entropy (value and gradient, float32, {a['tokens']} tokens, H = "
+        f"{a['features']}) vs its twin (linear then the cross-entropy, autodiff) vs optax on "
+        f"the materialised logits; target at V = 32768: temporary memory ≤ {t['temp']}× the "
+        f"twin's and optax's, time ≤ {t['time']['mean']}× the twin's for mean and ≤ "
+        f"{t['time']['none']}× for none; rows without times are compiled only:\n", file=out)
+  print("| V | reduction | manual ms | twin ms | optax ms | manual ÷ twin time | manual ÷ optax "
+        "time | manual temp | twin temp | optax temp | manual ÷ twin temp | manual ÷ optax "
+        "temp |", file=out)
+  print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", file=out)
+  for r in rows:
+    ms = [f"{r[k]:.1f}" if r["timed"] else "not run" for k in ("manual_ms", "twin_ms",
+                                                              "optax_ms")]
+    ratios = [_fmt_ratio(r.get(k)) for k in ("time_ratio", "optax_time_ratio")]
+    print(f"| {r['vocab']} | {r['reduction']} | {' | '.join(ms)} | {' | '.join(ratios)} | "
+          f"{_fmt_bytes(r['manual_temp'])} | {_fmt_bytes(r['twin_temp'])} | "
+          f"{_fmt_bytes(r['optax_temp'])} | {_fmt_small(r['temp_ratio'])} | "
+          f"{_fmt_small(r['optax_temp_ratio'])} |", file=out)
+  print(file=out)
+
+
 def _fmt_bytes(b):
   return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
 
 
 def _fmt_ratio(r):
   return "n/a" if r is None else f"{r:.2f}×"
+
+
+def _fmt_small(r):
+  """A ratio to three significant digits (memory ratios far below 0.01)."""
+  return "n/a" if r is None else f"{r:.3g}×"
 
 
 def print_tables(report, out=sys.stdout):
@@ -341,6 +446,8 @@ def print_tables(report, out=sys.stdout):
     print(file=out)
   if report.get("transformer"):
     print_transformer_table(report["transformer"], out)
+  if report.get("lm_head"):
+    print_lm_head_table(report["lm_head"], out)
 
 
 def print_peer_table(peer: Peer, rows, out=sys.stdout):
@@ -396,8 +503,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m jlayers.bench", description=__doc__.split(
       "\n\n")[0])
   parser.add_argument("--op", action="append", metavar="NAME", help="only this op (repeatable)")
-  parser.add_argument("--sections", default=",".join(SECTIONS),
-                      help=f"comma-separated subset of {','.join(SECTIONS)}")
+  parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                      help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but "
+                      "lm_head)")
   parser.add_argument("--contexts", default="64,512",
                       help="comma-separated contexts of the transformer section (batch 32)")
   parser.add_argument("--steps", type=int, default=10, help="timed runs per measurement")
@@ -429,6 +537,8 @@ def main(argv=None) -> int:
     report["train"] = bench_train_step(args.steps, args.warmup, args.rounds)
   if "transformer" in sections:
     report["transformer"] = bench_transformer(args.steps, args.warmup, args.rounds, contexts)
+  if "lm_head" in sections:
+    report["lm_head"] = bench_lm_head(args.steps, args.warmup, args.rounds)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()

@@ -96,3 +96,19 @@ def test_transformer_section_in_a_tiny_configuration():
 def test_bench_rejects_bad_contexts():
   with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
     bench.main(["--sections", "transformer", "--contexts", "64,x"])
+
+
+def test_lm_head_section_in_a_tiny_configuration():
+  rows = bench.bench_lm_head(1, 1, 1, tokens=16, features=4, vocab=32, memory_vocabs=(64,),
+                             reductions=("none",))
+  assert [(r["vocab"], r["reduction"], r["timed"]) for r in rows] == [(32, "none", True),
+                                                                       (64, "none", False)]
+  timed, compiled = rows
+  for impl in ("manual", "twin", "optax"):
+    assert timed[f"{impl}_ms"] > 0 and timed[f"{impl}_temp"] >= 0 and f"{impl}_ms" not in compiled
+  assert timed["time_ratio"] == timed["manual_ms"] / timed["twin_ms"]
+  assert compiled["temp_ratio"] == compiled["manual_temp"] / compiled["twin_temp"]
+  out = io.StringIO()
+  bench.print_lm_head_table(rows, out)
+  assert "| 64 | none | not run | not run | not run | n/a | n/a |" in out.getvalue()
+  assert "temporary memory ≤ 0.05× the twin's and optax's" in out.getvalue()
