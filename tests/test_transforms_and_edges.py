@@ -37,14 +37,15 @@ def _scalar(fn, case, args):
 @pytest.mark.parametrize("grid, case", FIRST)
 def test_forward_mode_raises_for_the_rule_and_works_for_the_twin(grid, case):
   """``jax.jvp`` / ``jacfwd`` of a custom_vjp rule raise (JAX has no forward mode for it); the
-  twin, i.e. ``impl="autodiff"``, supports forward mode."""
+  twin, i.e. ``impl="autodiff"``, supports forward mode. Traced under jit: the rule raises while
+  tracing, before anything is compiled, and the twin's JVP is one program."""
   args, primals = _args(grid, case)
-  tangents = tuple(jnp.ones_like(p) for p in primals)
+  tangents = tuple(jax.device_put(np.ones(p.shape, p.dtype)) for p in primals)
   manual, twin = (testing.restrict(fn, case, args) for fn in (grid.manual, grid.reference))
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-    jax.jvp(manual, primals, tangents)
+    jax.jit(lambda p, t: jax.jvp(manual, p, t))(primals, tangents)
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-    jax.jacfwd(manual)(*primals)
+    jax.jit(jax.jacfwd(manual))(*primals)
   out, _ = jax.jit(lambda p, t: jax.jvp(twin, p, t))(primals, tangents)
   assert jax.tree_util.tree_leaves(out)
 
@@ -62,25 +63,30 @@ def test_a_model_on_the_twins_supports_forward_mode():
   params, state = model.init(jax.random.key(0), (2, 4, 4, 1))
   x = jnp.ones((2, 4, 4, 1))
   f = lambda impl: lambda x: model.apply(params, state, x, train=True, impl=impl)[0]  # noqa: E731
-  y, dy = jax.jvp(f("autodiff"), (x,), (jnp.ones_like(x),))
+  y, dy = jax.jit(lambda x: jax.jvp(f("autodiff"), (x,), (jnp.ones_like(x),)))(x)
   assert dy.shape == y.shape == (2, 2)
   with pytest.raises(TypeError, match="can't apply forward-mode autodiff"):
-    jax.jvp(f("manual"), (x,), (jnp.ones_like(x),))
+    jax.jit(lambda x: jax.jvp(f("manual"), (x,), (jnp.ones_like(x),)))(x)
 
 
 # --- remat and scan ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", [None, "nothing_saveable", "dots_saveable"])
+CHECKPOINT_POLICIES = (None, "nothing_saveable", "dots_saveable")
+
+
 @pytest.mark.parametrize("grid, case", FIRST)
-def test_checkpoint_leaves_gradients_unchanged(grid, case, policy):
+def test_checkpoint_leaves_gradients_unchanged(grid, case):
+  """Under ``jax.checkpoint`` with each policy of ``CHECKPOINT_POLICIES``, the gradients of the
+  plain function (computed once)."""
   args, primals = _args(grid, case)
   loss = _scalar(grid.manual, case, args)
-  policy_fn = None if policy is None else getattr(jax.checkpoint_policies, policy)
-  plain = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
-  remat = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy_fn),
-                           argnums=tuple(range(len(primals)))))(*primals)
-  for a, b in zip(plain, remat):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  argnums = tuple(range(len(primals)))
+  plain = jax.jit(jax.grad(loss, argnums=argnums))(*primals)
+  for policy in CHECKPOINT_POLICIES:
+    policy_fn = None if policy is None else getattr(jax.checkpoint_policies, policy)
+    remat = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy_fn), argnums=argnums))(*primals)
+    for a, b in zip(plain, remat):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"policy {policy}")
 
 
 @pytest.mark.parametrize("grid, case", FIRST)
@@ -88,7 +94,8 @@ def test_the_op_inside_lax_scan(grid, case):
   """Scanning the op over two stacked sets of differentiable inputs (the others fixed) gives
   each set's result and gradient."""
   (args, first), (_, second) = (_args(grid, case, seed=s) for s in (0, 1))
-  stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), first, second)
+  stacked = jax.tree_util.tree_map(  # on the host: no program compiled per shape
+      lambda a, b: jax.device_put(np.stack([np.asarray(a), np.asarray(b)])), first, second)
   loss = _scalar(grid.manual, case, args)
 
   def scanned(stacked):
@@ -102,7 +109,7 @@ def test_the_op_inside_lax_scan(grid, case):
   for k, primals in enumerate((first, second)):
     v, g = each(*primals)
     values.append(float(v))
-    for a, b in zip(jax.tree_util.tree_map(lambda t: t[k], grads), g):
+    for a, b in zip(jax.tree_util.tree_map(lambda t: np.asarray(t)[k], grads), g):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(value, sum(values), rtol=1e-5)
 
@@ -126,9 +133,10 @@ def test_relu_passes_nan_and_gives_positive_zero(fn):
                          ids=["manual", "twin"])
 def test_batch_norm_on_zero_features_gives_empty_outputs(fn):
   x = jnp.ones((4, 0))
-  y, mean, var = fn(x, jnp.ones(0), jnp.zeros(0))
+  (y, mean, var), g = jax.jit(lambda x: (
+      fn(x, jnp.ones(0), jnp.zeros(0)),
+      jax.grad(lambda x: jnp.sum(fn(x, jnp.ones(0), jnp.zeros(0))[0]))(x)))(x)
   assert y.shape == (4, 0) and mean.shape == var.shape == (0,)
-  g = jax.grad(lambda x: jnp.sum(fn(x, jnp.ones(0), jnp.zeros(0))[0]))(x)
   assert g.shape == (4, 0)
 
 
@@ -166,7 +174,8 @@ def test_synchronised_batch_norm_with_a_scale_per_device(grad_outside):
         return jax.grad(total, argnums=(0, 1, 2))(x, scale, offset)
       return jax.vmap(jax.grad(local(fn), argnums=(0, 1, 2)), axis_name="d")(x, scale, offset, w)
 
-    got, want = grads(jlayers.batch_norm), grads(jlayers.reference.batch_norm)
+    got, want = jax.jit(lambda: (grads(jlayers.batch_norm),
+                                 grads(jlayers.reference.batch_norm)))()
     for a, b in zip(got, want):
       assert testing.error(a, b).relative < 1e-12
 
@@ -183,7 +192,7 @@ def test_dropout_rate_one_drops_everything_with_zero_gradient(fn, rate):
     return jnp.sum(fn(x, jax.random.key(0), rate=r))
 
   if isinstance(rate, float):  # checked and closed over at trace time
-    y, g = jax.value_and_grad(lambda x: loss(x, rate))(x)
+    y, g = jax.jit(jax.value_and_grad(lambda x: loss(x, rate)))(x)
   else:  # one compiled function for every rate
     y, g = jax.jit(jax.value_and_grad(loss))(x, rate)
   assert float(y) == 0.0
