@@ -140,32 +140,41 @@ def test_int_matches_optax(fn, shape, axis, mask, alpha):
   rng = np.random.default_rng(0)
   with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
     logits, labels, where = _random_problem(rng, shape, axis, mask)
-    cot = jnp.asarray(rng.standard_normal(labels.shape))
+    cot = np.asarray(rng.standard_normal(labels.shape))
     loss, grad = _int_vjp(fn, logits, labels, cot, axis=axis, where=where,
                           label_smoothing=alpha)
     assert loss.shape == labels.shape and grad.shape == logits.shape
+    defined = np.ones(labels.shape, bool)
+    if mask == "classes":  # optax's integer version differs on a label in a masked class
+      defined = np.take_along_axis(np.asarray(where), np.expand_dims(
+          np.asarray(labels), axis % len(shape)), axis=axis).squeeze(axis)
+    cot_defined = np.where(defined, cot, 0.0)
 
-    one_hot = jax.nn.one_hot(labels, shape[axis], axis=axis, dtype=jnp.float64)
-    class_mask = where if mask == "classes" else None
-    target = optax.smooth_labels(one_hot, alpha, axis=axis, where=class_mask)
-    want, pullback = jax.vjp(
-        lambda x: optax.softmax_cross_entropy(x, target, axis=axis, where=where), logits)
+    @jax.jit
+    def optax_vjps(logits, labels, cot, cot_defined, where):
+      """optax's losses and pullbacks (one program)."""
+      one_hot = jax.nn.one_hot(labels, shape[axis], axis=axis, dtype=jnp.float64)
+      class_mask = where if mask == "classes" else None
+      target = optax.smooth_labels(one_hot, alpha, axis=axis, where=class_mask)
+      want, pullback = jax.vjp(
+          lambda x: optax.softmax_cross_entropy(x, target, axis=axis, where=where), logits)
+      if alpha != 0:
+        return want, pullback(cot)[0], None, None
+      want_int, pullback_int = jax.vjp(lambda x: optax.softmax_cross_entropy_with_integer_labels(
+          x, labels, axis=axis, where=where), logits)
+      return want, pullback(cot)[0], want_int, pullback_int(cot_defined)[0]
+
+    want, want_grad, want_int, want_int_grad = optax_vjps(logits, labels, cot, cot_defined,
+                                                          where)
     np.testing.assert_allclose(loss, want, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(grad, pullback(cot)[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-14)
 
     if alpha == 0:
-      want, pullback = jax.vjp(lambda x: optax.softmax_cross_entropy_with_integer_labels(
-          x, labels, axis=axis, where=where), logits)
-      defined = np.ones(labels.shape, bool)
-      if mask == "classes":  # optax's integer version differs on a label in a masked class
-        defined = np.asarray(jnp.take_along_axis(
-            where, jnp.expand_dims(labels, axis % len(shape)), axis=axis)).squeeze(axis)
-      np.testing.assert_allclose(np.asarray(loss)[defined], np.asarray(want)[defined],
+      np.testing.assert_allclose(np.asarray(loss)[defined], np.asarray(want_int)[defined],
                                  rtol=1e-12, atol=1e-14)
-      cot_defined = jnp.where(jnp.asarray(defined), cot, jnp.zeros_like(cot))
-      _, grad_defined = _int_vjp(fn, logits, labels, cot_defined, axis=axis, where=where)
-      np.testing.assert_allclose(grad_defined, pullback(cot_defined)[0], rtol=1e-12,
-                                 atol=1e-14)
+      _, grad_defined = _int_vjp(fn, logits, labels, cot_defined, axis=axis, where=where,
+                                 label_smoothing=alpha)
+      np.testing.assert_allclose(grad_defined, want_int_grad, rtol=1e-12, atol=1e-14)
 
 
 @PROB
@@ -181,9 +190,14 @@ def test_prob_matches_optax(fn, shape, axis, mask):
     labels = jax.nn.softmax(jnp.asarray(rng.standard_normal(shape)), axis=axis)
     cot = jnp.asarray(rng.standard_normal(np.delete(shape, axis % len(shape))))
     loss, dx, dy = _prob_vjp(fn, logits, labels, cot, axis=axis, where=where)
-    want, pullback = jax.vjp(
-        lambda x, y: optax.softmax_cross_entropy(x, y, axis=axis, where=where), logits, labels)
-    want_dx, want_dy = pullback(cot)
+
+    @jax.jit
+    def optax_vjp(logits, labels, cot, where):
+      want, pullback = jax.vjp(
+          lambda x, y: optax.softmax_cross_entropy(x, y, axis=axis, where=where), logits, labels)
+      return want, *pullback(cot)
+
+    want, want_dx, want_dy = optax_vjp(logits, labels, cot, where)
     np.testing.assert_allclose(loss, want, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-14)
     counted = np.ones(shape, bool) if where is None else np.broadcast_to(
@@ -197,12 +211,16 @@ def test_int_equals_prob_of_the_smoothed_one_hot_target():
   rng = np.random.default_rng(2)
   with jax.enable_x64(True):
     logits, labels, where = _random_problem(rng, (6, 5), -1, "classes")
-    n = jnp.maximum(jnp.sum(where, axis=-1, keepdims=True), 1).astype(jnp.float64)
-    target = 0.75 * jax.nn.one_hot(labels, 5, dtype=jnp.float64) + 0.25 / n
-    np.testing.assert_allclose(
-        softmax_cross_entropy_with_integer_labels(logits, labels, where=where,
-                                                  label_smoothing=0.25),
-        softmax_cross_entropy(logits, target, where=where), rtol=1e-14)
+
+    @jax.jit
+    def both(logits, labels, where):
+      n = jnp.maximum(jnp.sum(where, axis=-1, keepdims=True), 1).astype(jnp.float64)
+      target = 0.75 * jax.nn.one_hot(labels, 5, dtype=jnp.float64) + 0.25 / n
+      return (softmax_cross_entropy_with_integer_labels(logits, labels, where=where,
+                                                        label_smoothing=0.25),
+              softmax_cross_entropy(logits, target, where=where))
+
+    np.testing.assert_allclose(*both(logits, labels, where), rtol=1e-14)
 
 
 # --- labels out of range ------------------------------------------------------------------------
@@ -213,20 +231,23 @@ def test_int_equals_prob_of_the_smoothed_one_hot_target():
 def test_int_out_of_range_label_gives_nan_loss_and_nan_grad_row(fn, bad):
   logits = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]], jnp.float32)
   labels = jnp.array([0, bad], jnp.int32)
+  ones = np.ones(2, np.float32)
   for alpha in (0.0, 0.1):
-    loss, grad = _int_vjp(fn, logits, labels, jnp.ones(2), label_smoothing=alpha)
-    assert bool(jnp.isnan(loss[1])) and bool(jnp.isfinite(loss[0]))
-    assert bool(jnp.all(jnp.isnan(grad[1])))
-    assert bool(jnp.all(jnp.isfinite(grad[0])))
+    loss, grad = map(np.asarray, _int_vjp(fn, logits, labels, ones, label_smoothing=alpha))
+    assert np.isnan(loss[1]) and np.isfinite(loss[0])
+    assert np.all(np.isnan(grad[1]))
+    assert np.all(np.isfinite(grad[0]))
   # Masked out, the example is ignored whatever its label (padding labels such as -1).
-  loss, grad = _int_vjp(fn, logits, labels, jnp.ones(2), where=jnp.array([True, False]))
+  loss, grad = map(np.asarray, _int_vjp(fn, logits, labels, ones, label_smoothing=0.0,
+                                        where=np.array([True, False])))
   assert float(loss[1]) == 0.0
   np.testing.assert_array_equal(grad[1], 0.0)
   # Under a class mask: NaN loss, NaN on the unmasked classes, 0 on the masked one.
-  classes = jnp.array([[True, True, True], [True, False, True]])
-  loss, grad = _int_vjp(fn, logits, labels, jnp.ones(2), where=classes)
-  assert bool(jnp.isnan(loss[1]))
-  assert bool(jnp.all(jnp.isnan(grad[1, jnp.array([0, 2])])))
+  classes = np.array([[True, True, True], [True, False, True]])
+  loss, grad = map(np.asarray, _int_vjp(fn, logits, labels, ones, label_smoothing=0.0,
+                                        where=classes))
+  assert np.isnan(loss[1])
+  assert np.all(np.isnan(grad[1, [0, 2]]))
   assert float(grad[1, 1]) == 0.0
 
 
@@ -273,19 +294,28 @@ def test_low_precision_logits_are_computed_in_float32():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.standard_normal((3, 4096)), jnp.float32)
   labels = jnp.array([5, 4000, 17], jnp.int32)
-  probs = jax.nn.softmax(jnp.asarray(rng.standard_normal((3, 4096)), jnp.float32))
-  for dtype in (jnp.bfloat16, jnp.float16):
-    x = logits.astype(dtype)
-    loss = softmax_cross_entropy_with_integer_labels(x, labels, label_smoothing=0.1)
+  probs = jnp.asarray(rng.standard_normal((3, 4096)), jnp.float32)
+
+  @jax.jit
+  def losses(logits, labels, probs):  # one program for both dtypes
+    probs = jax.nn.softmax(probs)
+    out = []
+    for dtype in (jnp.bfloat16, jnp.float16):
+      x = logits.astype(dtype)
+      out.append((softmax_cross_entropy_with_integer_labels(x, labels, label_smoothing=0.1),
+                  softmax_cross_entropy_with_integer_labels_reference(
+                      x.astype(jnp.float32), labels, label_smoothing=0.1),
+                  softmax_cross_entropy(x, probs.astype(dtype)),
+                  softmax_cross_entropy_reference(x.astype(jnp.float32),
+                                                  probs.astype(dtype).astype(jnp.float32))))
+    return out
+
+  for dtype, (loss, wide, prob_loss, prob_wide) in zip((jnp.bfloat16, jnp.float16),
+                                                       losses(logits, labels, probs)):
     assert loss.dtype == dtype
-    wide = softmax_cross_entropy_with_integer_labels_reference(x.astype(jnp.float32), labels,
-                                                               label_smoothing=0.1)
-    np.testing.assert_allclose(loss.astype(jnp.float32), wide, rtol=2.0**-8)
-    loss = softmax_cross_entropy(x, probs.astype(dtype))
-    assert loss.dtype == dtype
-    wide = softmax_cross_entropy_reference(x.astype(jnp.float32),
-                                           probs.astype(dtype).astype(jnp.float32))
-    np.testing.assert_allclose(loss.astype(jnp.float32), wide, rtol=2.0**-8)
+    np.testing.assert_allclose(np.asarray(loss, np.float32), wide, rtol=2.0**-8)
+    assert prob_loss.dtype == dtype
+    np.testing.assert_allclose(np.asarray(prob_loss, np.float32), prob_wide, rtol=2.0**-8)
 
 
 def test_prob_computes_in_the_wider_dtype_and_casts_gradients_back():
@@ -419,17 +449,23 @@ def test_axis_picks_the_class_axis():
   logits = jnp.asarray(rng.standard_normal((2, 5, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 5, (2, 3)), jnp.int32)
   where = jnp.asarray(rng.random((2, 5, 3)) < 0.7)
-  moved = jnp.moveaxis(logits, 1, -1)
-  np.testing.assert_allclose(
-      softmax_cross_entropy_with_integer_labels(logits, labels, axis=1, where=where,
-                                                label_smoothing=0.2),
-      softmax_cross_entropy_with_integer_labels(moved, labels, where=jnp.moveaxis(where, 1, -1),
-                                                label_smoothing=0.2), rtol=1e-6)
-  probs = jax.nn.softmax(logits, axis=1)
-  grad_axis = jax.grad(lambda x: softmax_cross_entropy(x, probs, axis=-2).sum())(logits)
-  grad_last = jax.grad(lambda x: softmax_cross_entropy(x, jnp.moveaxis(probs, 1, -1)).sum())(
-      moved)
-  np.testing.assert_allclose(grad_axis, jnp.moveaxis(grad_last, -1, 1), rtol=1e-6, atol=1e-7)
+
+  @jax.jit
+  def on_both_axes(logits, labels, where):
+    moved = jnp.moveaxis(logits, 1, -1)
+    losses = (softmax_cross_entropy_with_integer_labels(logits, labels, axis=1, where=where,
+                                                        label_smoothing=0.2),
+              softmax_cross_entropy_with_integer_labels(
+                  moved, labels, where=jnp.moveaxis(where, 1, -1), label_smoothing=0.2))
+    probs = jax.nn.softmax(logits, axis=1)
+    grad_axis = jax.grad(lambda x: softmax_cross_entropy(x, probs, axis=-2).sum())(logits)
+    grad_last = jax.grad(lambda x: softmax_cross_entropy(x, jnp.moveaxis(probs, 1, -1)).sum())(
+        moved)
+    return losses, (grad_axis, jnp.moveaxis(grad_last, -1, 1))
+
+  losses, grads = on_both_axes(logits, labels, where)
+  np.testing.assert_allclose(*losses, rtol=1e-6)
+  np.testing.assert_allclose(*grads, rtol=1e-6, atol=1e-7)
 
 
 def test_micro_batch_gradients_add_up_to_the_full_batch():
@@ -483,13 +519,13 @@ def test_hessians_match_the_closed_form():
   with jax.enable_x64(True):
     rng = np.random.default_rng(11)
     logits = jnp.asarray(rng.standard_normal((2, 3)), jnp.float64)
-    p = np.asarray(jax.nn.softmax(logits, axis=-1))
+    p = np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum(-1, keepdims=True)
     probs = jnp.asarray(rng.random((2, 3)))
     for f, weights in (
         (lambda x: softmax_cross_entropy_with_integer_labels(
             x, jnp.array([2, 0], jnp.int32), label_smoothing=0.3), np.ones(2)),
         (lambda x: softmax_cross_entropy(x, probs), np.asarray(probs.sum(-1)))):
-      hess = jax.hessian(lambda x, f=f: jnp.sum(f(x)))(logits)
+      hess = jax.jit(jax.hessian(lambda x, f=f: jnp.sum(f(x))))(logits)
       expected = np.zeros((2, 3, 2, 3))
       for i in range(2):
         expected[i, :, i, :] = weights[i] * (np.diag(p[i]) - np.outer(p[i], p[i]))
@@ -501,8 +537,9 @@ def test_prob_mixed_second_derivative_is_minus_the_log_softmax_jacobian():
   with jax.enable_x64(True):
     logits = jnp.array([0.3, -1.0, 2.0], jnp.float64)
     probs = jnp.array([0.2, 0.3, 0.5], jnp.float64)
-    mixed = jax.jacrev(jax.grad(softmax_cross_entropy, argnums=1), argnums=0)(logits, probs)
-    p = np.asarray(jax.nn.softmax(logits))
+    mixed = jax.jit(jax.jacrev(jax.grad(softmax_cross_entropy, argnums=1), argnums=0))(logits,
+                                                                                      probs)
+    p = np.exp(np.asarray(logits)) / np.exp(np.asarray(logits)).sum()
     np.testing.assert_allclose(mixed, -(np.eye(3) - p[None, :]), rtol=1e-12, atol=1e-15)
 
 
@@ -535,7 +572,7 @@ def test_residuals_are_the_inputs_and_two_floats_per_example(capsys, where):
 def test_int_labels_get_no_gradient(fn):
   logits = jnp.array([[0.0, 1.0]], jnp.float32)
   labels = jnp.array([1], jnp.int32)
-  assert jax.grad(lambda x: fn(x, labels).sum())(logits).shape == (1, 2)
+  assert jax.jit(jax.grad(lambda x: fn(x, labels).sum()))(logits).shape == (1, 2)
   with pytest.raises(TypeError, match="grad requires real- or complex-valued inputs"):
     jax.grad(lambda x, y: fn(x, y).sum(), argnums=1)(logits, labels)
 
@@ -544,9 +581,10 @@ def test_int_labels_get_no_gradient(fn):
 def test_prob_labels_gradient_is_minus_log_softmax_in_their_dtype(fn):
   logits = jnp.array([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]], jnp.float32)
   labels = jnp.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]], jnp.bfloat16)
-  dy = jax.grad(lambda y: fn(logits, y).sum())(labels)
+  dy, log_p = jax.jit(lambda y: (jax.grad(lambda y: fn(logits, y).sum())(y),
+                                 jax.nn.log_softmax(logits)))(labels)
   assert dy.dtype == jnp.bfloat16
-  np.testing.assert_allclose(dy.astype(jnp.float32), -jax.nn.log_softmax(logits), rtol=2**-8)
+  np.testing.assert_allclose(dy.astype(jnp.float32), -log_p, rtol=2**-8)
 
 
 # --- bad input ----------------------------------------------------------------------------------
