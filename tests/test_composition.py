@@ -212,8 +212,8 @@ def test_resnet_manual_and_autodiff_gradients_agree_in_float64(digits):
   x_train, y_train, _, _ = digits
   model = resnet()
   with jax.enable_x64(True):
-    params, state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                           model.init(KEY, (16, 8, 8, 1)))
+    params, state = jax.tree_util.tree_map(  # widened on the host: no convert programs
+        lambda a: jax.device_put(np.asarray(a, np.float64)), model.init(KEY, (16, 8, 8, 1)))
     assert "shortcut" in params["block2"]["residual"]
     assert "shortcut" not in params["block1"]["residual"]
 
@@ -231,7 +231,8 @@ def test_resnet_trains_to_97_percent(digits):
   x_train, y_train, x_test, y_test = digits
   model = resnet()
   params, state = model.init(KEY, (32, 8, 8, 1))
-  epochs, steps = 8, len(x_train) // 32
+  # 5 epochs reach 98.3 % held-out (8 reach 99.4 %, 3 only 97.2 %): the property with a margin.
+  epochs, steps = 5, len(x_train) // 32
   optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, epochs * steps))
   opt_state = optimizer.init(params)
 
