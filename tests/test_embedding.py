@@ -25,6 +25,14 @@ def _grad(fn, ids, table, cot):
   return jax.jit(jax.grad(loss))(table)
 
 
+def _lookup_vjp(fn, ids, table, cot):
+  """``fn(ids, table)`` and the pullback of ``cot`` to the table, in one jitted program."""
+  def run(ids, table, cot):
+    out, pullback = jax.vjp(lambda t: fn(ids, t), table)
+    return out, pullback(cot)[0]
+  return jax.jit(run)(ids, table, cot)
+
+
 @BOTH
 def test_golden_values(fn):
   table = jnp.array([[1.0, -1.0], [2.0, 0.5], [3.0, 4.0], [-2.0, 7.0]])
@@ -46,19 +54,25 @@ def test_agrees_with_take_and_a_one_hot_matmul_float64():
     cot = jnp.asarray(rng.standard_normal((3, 5, 4)))
     take = lambda t: jnp.take(t, ids, axis=0)  # noqa: E731
     one_hot = lambda t: jax.nn.one_hot(ids, 7, dtype=t.dtype) @ t  # noqa: E731
-    want_g = jax.vjp(take, table)[1](cot)[0]
-    np.testing.assert_allclose(jax.vjp(one_hot, table)[1](cot)[0], want_g, rtol=1e-14)
-    for fn in (jlayers.embedding, jlayers.reference.embedding):
-      out, pullback = jax.vjp(lambda t, fn=fn: fn(ids, t), table)
-      np.testing.assert_array_equal(out, take(table))
-      np.testing.assert_allclose(pullback(cot)[0], want_g, rtol=1e-14, atol=1e-15)
+
+    @jax.jit
+    def vjps(table, cot):  # every output and pullback in one program
+      return [(f(table), jax.vjp(f, table)[1](cot)[0]) for f in (
+          take, one_hot, lambda t: jlayers.embedding(ids, t),
+          lambda t: jlayers.reference.embedding(ids, t))]
+
+    (want, want_g), (_, one_hot_g), *ours = vjps(table, cot)
+    np.testing.assert_allclose(one_hot_g, want_g, rtol=1e-14)
+    for out, g in ours:
+      np.testing.assert_array_equal(out, want)
+      np.testing.assert_allclose(g, want_g, rtol=1e-14, atol=1e-15)
 
 
 def _out_of_range(fn, ids, num, bad):
   """NaN rows exactly at ``bad``, ``table[ids]`` elsewhere, and a gradient made of the good
   positions' cotangent rows only."""
-  table = jnp.arange(num * 2, dtype=jnp.float32).reshape(num, 2) + 1.0
-  out = fn(ids, table)
+  table = np.arange(num * 2, dtype=np.float32).reshape(num, 2) + 1.0
+  out = jax.jit(fn)(ids, table)
   want_bad = np.zeros(ids.shape, bool)
   want_bad[list(bad)] = True
   np.testing.assert_array_equal(np.isnan(np.asarray(out)).all(-1), want_bad)
@@ -102,7 +116,7 @@ def test_bfloat16_repeated_ids_accumulate_in_float32_and_round_once():
   g = jnp.asarray(g32, jnp.bfloat16)
   table = jnp.zeros((3, 3), jnp.bfloat16)
   ids = jnp.asarray(np.r_[np.ones(999, int), 2], jnp.int32)
-  got = jax.vjp(lambda t: jlayers.embedding(ids, t), table)[1](g)[0]
+  got = _lookup_vjp(jlayers.embedding, ids, table, g)[1]
   assert got.dtype == jnp.bfloat16
   want = np.stack([np.zeros(3), g32[:999].sum(0), g32[999]]).astype(np.float32)
   np.testing.assert_array_equal(got, jnp.asarray(want).astype(jnp.bfloat16))
@@ -122,14 +136,13 @@ def test_half_precision_outputs_are_exact_and_gradients_within_bound(dtype):
     rng = np.random.default_rng(6)
     ids, table = case.make(rng, half)
     cot = jnp.asarray(rng.standard_normal(ids.shape + table.shape[1:]), half)
-    out, pullback = jax.vjp(lambda t: jlayers.embedding(ids, t), table)
-    (g,) = pullback(cot)
+    out, g = _lookup_vjp(jlayers.embedding, ids, table, cot)
     assert out.dtype == g.dtype == half and g.shape == table.shape
-    with jax.enable_x64(True):
-      t64, c64 = table.astype(jnp.float64), cot.astype(jnp.float64)
-      out64, pull64 = jax.vjp(lambda t: jlayers.reference.embedding(ids, t), t64)
-      np.testing.assert_array_equal(out.astype(jnp.float64), out64)
-      err = testing.error(g, pull64(c64)[0]).relative
+    with jax.enable_x64(True):  # widened on the host: the same values
+      t64, c64 = np.asarray(table, np.float64), np.asarray(cot, np.float64)
+      out64, g64 = _lookup_vjp(jlayers.reference.embedding, ids, t64, c64)
+      np.testing.assert_array_equal(np.asarray(out, np.float64), out64)
+      err = testing.error(g, g64).relative
     assert err <= grid.half_precision * float(jnp.finfo(half).eps), (case.id, err)
 
 
@@ -150,7 +163,8 @@ def test_empty_ids_and_zero_features(fn):
     assert out.shape == shape and out.dtype == table.dtype
     g = jax.jit(jax.grad(lambda t, ids=ids: jnp.sum(fn(ids, t))))(table)
     assert g.shape == table.shape and g.dtype == table.dtype
-  g = jax.grad(lambda t: jnp.sum(fn(jnp.zeros((0,), jnp.int32), t)))(jnp.ones((4, 2)))
+  g = jax.jit(jax.grad(lambda t: jnp.sum(fn(jnp.zeros((0,), jnp.int32), t))))(
+      np.ones((4, 2), np.float32))
   np.testing.assert_array_equal(g, np.zeros((4, 2)))
 
 
