@@ -102,9 +102,9 @@ def test_forward_against_an_independent_numpy_computation(shape, axis):
   scale, offset = rng.standard_normal(pshape), rng.standard_normal(pshape)
   bshape = [shape[a] if a in [b % len(shape) for b in axes] else 1 for a in range(len(shape))]
   with jax.enable_x64(True):
-    ln = jlayers.layer_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(offset),
-                            axis=axis, eps=1e-3)
-    rms = jlayers.rms_norm(jnp.asarray(x), jnp.asarray(scale), axis=axis, eps=1e-3)
+    ln, rms = jax.jit(lambda x, scale, offset: (
+        jlayers.layer_norm(x, scale, offset, axis=axis, eps=1e-3),
+        jlayers.rms_norm(x, scale, axis=axis, eps=1e-3)))(x, scale, offset)
   want = _numpy_norm(x, axes, 1e-3) * scale.reshape(bshape) + offset.reshape(bshape)
   np.testing.assert_allclose(ln, want, rtol=1e-12)
   want = _numpy_norm(x, axes, 1e-3, centered=False) * scale.reshape(bshape)
@@ -122,9 +122,10 @@ def test_group_norm_against_a_loop_over_groups():
       want[n, :, :, 2 * g:2 * g + 2] = (block - block.mean()) / np.sqrt(block.var() + 1e-5)
   want = want * scale + offset
   with jax.enable_x64(True):
-    got = jlayers.group_norm(jnp.asarray(x), jnp.asarray(scale), jnp.asarray(offset), groups=3)
-    nchw = jlayers.group_norm(jnp.asarray(x.transpose(0, 3, 1, 2)), jnp.asarray(scale),
-                              jnp.asarray(offset), groups=3, axis=1)
+    got, nchw = jax.jit(lambda x, nchw, scale, offset: (
+        jlayers.group_norm(x, scale, offset, groups=3),
+        jlayers.group_norm(nchw, scale, offset, groups=3, axis=1)))(
+            x, x.transpose(0, 3, 1, 2), scale, offset)
   np.testing.assert_allclose(got, want, rtol=1e-12)
   np.testing.assert_allclose(nchw, want.transpose(0, 3, 1, 2), rtol=1e-12)
 
@@ -164,12 +165,13 @@ def test_half_precision_computed_in_float32_rounded_once_with_float32_params(fn)
   x = jnp.linspace(-3.0, 5.0, 24).reshape(3, 8)
   s = jnp.linspace(0.5, 1.5, 8)
   half = x.astype(jnp.bfloat16)
-  once = fn(half.astype(jnp.float32), s).astype(jnp.bfloat16)
-  assert fn(half, s).dtype == jnp.bfloat16
-  np.testing.assert_array_equal(fn(half, s), once)
   w = jnp.arange(8.0).reshape(1, 8)
-  dx, ds = jax.grad(lambda x, s: jnp.sum(fn(x, s).astype(jnp.float32) * w),
-                    argnums=(0, 1))(half, s)
+  out, once, (dx, ds) = jax.jit(lambda half, s: (  # one program
+      fn(half, s), fn(half.astype(jnp.float32), s).astype(jnp.bfloat16),
+      jax.grad(lambda x, s: jnp.sum(fn(x, s).astype(jnp.float32) * w), argnums=(0, 1))(half,
+                                                                                     s)))(half, s)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, once)
   assert dx.dtype == jnp.bfloat16 and ds.dtype == jnp.float32
 
 
