@@ -18,6 +18,12 @@ SILU = pytest.mark.parametrize("fn", [jlayers.silu, jlayers.reference.silu],
                                ids=["manual", "twin"])
 
 
+def _value_and_slope(fn, x, **kwargs):
+  """``fn(x)`` and its elementwise derivative (the gradient of the sum), in one jitted
+  program."""
+  return jax.jit(lambda x: (fn(x, **kwargs), jax.grad(lambda x: jnp.sum(fn(x, **kwargs)))(x)))(x)
+
+
 def _phi(x):
   return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
@@ -27,9 +33,7 @@ def test_gelu_exact_golden_values_and_slopes(fn):
   # gelu(x) = x Φ(x); gelu'(x) = Φ(x) + x φ(x): at 0 the slope is 1/2.
   xs = [-2.0, -0.5, 0.0, 1.0, 3.0]
   with jax.enable_x64(True):
-    x = jnp.array(xs, jnp.float64)
-    y = fn(x, approximate=False)
-    g = jax.grad(lambda x: jnp.sum(fn(x, approximate=False)))(x)
+    y, g = _value_and_slope(fn, np.array(xs), approximate=False)
   want_y = [v * _phi(v) for v in xs]
   want_g = [_phi(v) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi) for v in xs]
   np.testing.assert_allclose(y, want_y, rtol=1e-14, atol=1e-16)
@@ -42,9 +46,7 @@ def test_gelu_tanh_golden_values_and_slopes(fn):
   c, a = math.sqrt(2 / math.pi), 0.044715
   xs = [-2.0, -0.5, 0.0, 1.0, 3.0]
   with jax.enable_x64(True):
-    x = jnp.array(xs, jnp.float64)
-    y = fn(x)
-    g = jax.grad(lambda x: jnp.sum(fn(x)))(x)
+    y, g = _value_and_slope(fn, np.array(xs))
   t = [math.tanh(c * (v + a * v**3)) for v in xs]
   want_y = [0.5 * v * (1 + tv) for v, tv in zip(xs, t)]
   want_g = [0.5 * (1 + tv) + 0.5 * v * (1 - tv * tv) * c * (1 + 3 * a * v * v)
@@ -56,12 +58,12 @@ def test_gelu_tanh_golden_values_and_slopes(fn):
 @pytest.mark.parametrize("approximate", [True, False])
 def test_gelu_agrees_with_jax_nn(approximate):
   with jax.enable_x64(True):
-    x = jnp.linspace(-6.0, 6.0, 25, dtype=jnp.float64)
-    np.testing.assert_allclose(jlayers.gelu(x, approximate=approximate),
-                               jax.nn.gelu(x, approximate=approximate), rtol=1e-14, atol=1e-15)
+    x = np.linspace(-6.0, 6.0, 25)
+    y, g = _value_and_slope(jlayers.gelu, x, approximate=approximate)
+    want_y, want_g = _value_and_slope(jax.nn.gelu, x, approximate=approximate)
+    np.testing.assert_allclose(y, want_y, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(jlayers.gelu(x, approximate=approximate)))(x),
-        jax.grad(lambda x: jnp.sum(jax.nn.gelu(x, approximate=approximate)))(x),
+        g, want_g,
         rtol=1e-13, atol=1e-14)  # where 1 + tanh u cancels (x = -6), relative to max |slope|
 
 
@@ -71,9 +73,7 @@ def test_silu_golden_values_and_slopes(fn):
   xs = [-3.0, -1.0, 0.0, 1.0, 4.0]
   sig = [1 / (1 + math.exp(-v)) for v in xs]
   with jax.enable_x64(True):
-    x = jnp.array(xs, jnp.float64)
-    y = fn(x)
-    g = jax.grad(lambda x: jnp.sum(fn(x)))(x)
+    y, g = _value_and_slope(fn, np.array(xs))
   np.testing.assert_allclose(y, [v * s for v, s in zip(xs, sig)], rtol=1e-14, atol=1e-16)
   np.testing.assert_allclose(g, [s * (1 + v * (1 - s)) for v, s in zip(xs, sig)], rtol=1e-14)
   assert float(g[2]) == 0.5
@@ -82,9 +82,10 @@ def test_silu_golden_values_and_slopes(fn):
 @pytest.mark.parametrize("fn", [jlayers.gelu, jlayers.silu], ids=["gelu", "silu"])
 def test_half_precision_is_computed_in_float32_and_rounded_once(fn):
   x = jnp.linspace(-4.0, 4.0, 33, dtype=jnp.bfloat16)
-  want = fn(x.astype(jnp.float32)).astype(jnp.bfloat16)
-  np.testing.assert_array_equal(fn(x), want)
-  g = jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32)))(x)
+  got, want, g = jax.jit(lambda x: (  # one program
+      fn(x), fn(x.astype(jnp.float32)).astype(jnp.bfloat16),
+      jax.grad(lambda x: jnp.sum(fn(x).astype(jnp.float32)))(x)))(x)
+  np.testing.assert_array_equal(got, want)
   assert g.dtype == jnp.bfloat16
 
 
