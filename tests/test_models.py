@@ -85,7 +85,7 @@ def test_nested_sequential_and_nchw():
   assert sorted(params) == ["linear_3", "sequential_0", "sequential_1"]
   assert params["sequential_1"]["conv2d_0"]["kernel"].shape == (2, 2, 3, 3)
   assert sorted(state["sequential_0"]) == ["batch_norm_1"]
-  y, _ = model.apply(params, state, jnp.ones((2, 1, 4, 4)))
+  y, _ = jax.jit(model.apply)(params, state, jnp.ones((2, 1, 4, 4)))
   assert y.shape == (2, 5)
 
 
@@ -93,10 +93,11 @@ def test_train_updates_state_and_eval_keeps_it():
   model = _cnn()
   params, state = model.init(KEY, IN_SHAPE)
   x, _ = _batch()
-  _, eval_state = model.apply(params, state, x)
-  _, train_state = model.apply(params, state, x, key=KEY, train=True)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(jnp.array_equal, eval_state, state))
-  assert not jnp.array_equal(train_state["batch_norm_1"]["mean"], state["batch_norm_1"]["mean"])
+  eval_state, train_state = jax.jit(lambda params, state, x: (  # one program
+      model.apply(params, state, x)[1], model.apply(params, state, x, key=KEY, train=True)[1]))(
+          params, state, x)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, eval_state, state))
+  assert not np.array_equal(train_state["batch_norm_1"]["mean"], state["batch_norm_1"]["mean"])
 
 
 def test_bad_models_and_params_raise():
@@ -228,8 +229,9 @@ def test_train_steps_closing_over_impl_keep_their_own_rule(monkeypatch):
 def _cnn_grad_differences():
   model = _cnn()
   with jax.enable_x64(True):
-    params, state = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                           model.init(KEY, IN_SHAPE, input_dtype=jnp.float64))
+    params, state = jax.tree_util.tree_map(  # widened on the host: no convert programs
+        lambda a: jax.device_put(np.asarray(a, np.float64)),
+        model.init(KEY, IN_SHAPE, input_dtype=jnp.float64))
     x, labels = _batch(jnp.float64)
     return grad_differences(functools.partial(_loss, model), params, state, x, labels, KEY)
 
