@@ -17,6 +17,11 @@ timed in alternating rounds so that drift in machine speed falls on all alike; m
   blocks of 128 features, 4 causal heads, tied logits; batch 32, contexts 64 and 512; global
   norm clipping and AdamW) with jlayers manual, jlayers autodiff and, when installed, the same
   architecture in Flax linen.
+* **attention_options** (only when named in ``--sections``) — causal
+  ``dot_product_attention`` forward+backward (batch 1, 8 heads of 64, float32, manual): the
+  soft cap and segment ids against plain causal at T = 2 048, and a local window of 256 at
+  T = 2 048 and 8 192 per query row (blocks outside the window are skipped), timed in
+  alternating rounds.
 * **lm_head** (only when named in ``--sections``: minutes per run) — ``linear_cross_entropy``
   at a language model's size (8 192 tokens, H = 1 024, V = 32 768, float32, value and gradient
   for ``reduction="mean"`` and ``"none"``) against its twin (``linear`` then the cross-entropy,
@@ -56,7 +61,7 @@ from jlayers.models import Sequential
 from jlayers.transformer import TransformerLM
 
 DEFAULT_SECTIONS = ("ops", "linear", "train", "transformer")
-SECTIONS = (*DEFAULT_SECTIONS, "lm_head")
+SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -362,6 +367,56 @@ def bench_lm_head(steps: int, warmup: int, rounds: int, tokens: int = 8192,
   return rows
 
 
+ATTENTION_OPTIONS_TARGET = {"window_per_row": 1.3, "option": 1.2}
+"""Per-query-row time at T = 8 192 within ``window_per_row`` × T = 2 048's with a window of
+256; soft cap and segment ids within ``option`` × plain causal at T = 2 048."""
+
+
+def bench_attention_options(steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
+  """Milliseconds of causal attention's forward+backward with each option (see the module
+  docstring) and the ratios of :data:`ATTENTION_OPTIONS_TARGET`."""
+  from jlayers.attention import dot_product_attention  # noqa: PLC0415
+
+  rng = np.random.default_rng(seed)
+  runners = {}
+  for name, t, options in (("causal", 2048, {}), ("soft cap 30", 2048, {"logits_soft_cap": 30.0}),
+                           ("segment ids (4 of 512)", 2048, {"segments": True}),
+                           ("window 256, T=2048", 2048, {"local_window_size": (256, 0)}),
+                           ("window 256, T=8192", 8192, {"local_window_size": (256, 0)})):
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, 8, 64)), jnp.float32) for _ in range(3))
+    options = dict(options)
+    if options.pop("segments", False):
+      options["q_segment_ids"] = jnp.asarray((np.arange(t) // 512)[None], jnp.int32)
+
+    def fwd_bwd(q, k, v, options=options):
+      out, pullback = jax.vjp(
+          lambda q, k, v: dot_product_attention(q, k, v, causal=True, **options), q, k, v)
+      return pullback(out)
+
+    runners[name] = functools.partial(jax.jit(fwd_bwd), q, k, v)
+  ms = {n: statistics.median(t) for n, t in
+        peers.time_interleaved(runners, steps, warmup, rounds).items()}
+  return {"ms": ms,
+          "soft_cap_ratio": ms["soft cap 30"] / ms["causal"],
+          "segments_ratio": ms["segment ids (4 of 512)"] / ms["causal"],
+          "window_per_row_ratio": (ms["window 256, T=8192"] / 8192)
+          / (ms["window 256, T=2048"] / 2048)}
+
+
+def print_attention_options_table(result, out=sys.stdout):
+  t = ATTENTION_OPTIONS_TARGET
+  print(f"dot_product_attention options (causal, forward+backward, float32, manual); targets: "
+        f"soft cap and segment ids ≤ {t['option']}× plain causal, window per query row at "
+        f"T = 8192 ≤ {t['window_per_row']}× T = 2048:\n", file=out)
+  print("| case | ms |", file=out)
+  print("|---|---:|", file=out)
+  for name, ms in result["ms"].items():
+    print(f"| {name} | {ms:.1f} |", file=out)
+  print(f"\nsoft cap ÷ causal {result['soft_cap_ratio']:.2f}×, segment ids ÷ causal "
+        f"{result['segments_ratio']:.2f}×, window per row T=8192 ÷ T=2048 "
+        f"{result['window_per_row_ratio']:.2f}×\n", file=out)
+
+
 def print_lm_head_table(rows, out=sys.stdout):
   t = LM_HEAD_TARGET
   a = rows[0]
@@ -448,6 +503,8 @@ def print_tables(report, out=sys.stdout):
     print_transformer_table(report["transformer"], out)
   if report.get("lm_head"):
     print_lm_head_table(report["lm_head"], out)
+  if report.get("attention_options"):
+    print_attention_options_table(report["attention_options"], out)
 
 
 def print_peer_table(peer: Peer, rows, out=sys.stdout):
@@ -539,6 +596,9 @@ def main(argv=None) -> int:
     report["transformer"] = bench_transformer(args.steps, args.warmup, args.rounds, contexts)
   if "lm_head" in sections:
     report["lm_head"] = bench_lm_head(args.steps, args.warmup, args.rounds)
+  if "attention_options" in sections:
+    report["attention_options"] = bench_attention_options(args.steps, args.warmup,
+                                                          args.rounds)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()
