@@ -331,6 +331,54 @@ def flax_transformer_model(context: int, *, features: int = 128, layers: int = 4
   return TransformerLM()
 
 
+def flax_llama_model(context: int, *, features: int = 128, layers: int = 4, heads: int = 4,
+                     kv_heads: int = 2, mlp_features: int = 352, rope_base: float = 10000.0):
+  """The Llama-configuration LM (``bench.bench_llama``) as a Flax linen module: RMS norms (``nn.RMSNorm``), rotary
+  embeddings and the SwiGLU MLP written in plain JAX, grouped-query causal attention through
+  ``jax.nn.dot_product_attention``, an untied bias-free head. ``apply({"params": ...}, ids)
+  -> logits float32[B, T, VOCAB_SIZE]``."""
+  import flax.linen as nn  # noqa: PLC0415 (optional dependency)
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  head = features // heads
+
+  def rope(x, positions):  # rotate-half pairs (i, i + H/2)
+    f = rope_base ** (-jnp.arange(0, head, 2, dtype=jnp.float32) / head)
+    theta = positions[:, None].astype(jnp.float32) * f[None, :]
+    cos, sin = jnp.cos(theta)[None, :, None, :], jnp.sin(theta)[None, :, None, :]
+    a, b = x[..., :head // 2], x[..., head // 2:]
+    return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      b, t, _ = x.shape
+      positions = jnp.arange(t)
+      h = nn.RMSNorm(epsilon=1e-5, name="attention_norm")(x)
+      q = nn.Dense(heads * head, use_bias=False, name="query")(h).reshape(b, t, heads, head)
+      k = nn.Dense(kv_heads * head, use_bias=False, name="key")(h).reshape(b, t, kv_heads, head)
+      v = nn.Dense(kv_heads * head, use_bias=False, name="value")(h).reshape(b, t, kv_heads,
+                                                                               head)
+      o = jax.nn.dot_product_attention(rope(q, positions), rope(k, positions), v,
+                                       is_causal=True)
+      x = x + nn.Dense(features, use_bias=False, name="out")(o.reshape(b, t, heads * head))
+      h = nn.RMSNorm(epsilon=1e-5, name="mlp_norm")(x)
+      gate = nn.Dense(mlp_features, use_bias=False, name="gate")(h)
+      up = nn.Dense(mlp_features, use_bias=False, name="up")(h)
+      return x + nn.Dense(features, use_bias=False, name="down")(jax.nn.silu(gate) * up)
+
+  class LlamaLM(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      x = nn.Embed(VOCAB_SIZE, features, name="embed")(ids)
+      for i in range(layers):
+        x = Block(name=f"block_{i}")(x)
+      x = nn.RMSNorm(epsilon=1e-5, name="norm")(x)
+      return nn.Dense(VOCAB_SIZE, use_bias=False, name="head")(x)
+
+  return LlamaLM()
+
+
 def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int = 0,
                             calls: int = 100, *, features: int = 128, layers: int = 4,
                             heads: int = 4) -> dict | None:
@@ -379,3 +427,26 @@ def lm_step_runner(loss_fn, params, ids, seed: int, calls: int):
   key = jax.random.key(seed + 1)
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, ids, key).compile()
   return compiled_step_runner(compiled, (params, opt_state), (ids,), key, calls)
+
+
+def flax_llama_runner(context: int = 512, batch_size: int = 32, seed: int = 0,
+                      calls: int = 100, **arch) -> dict | None:
+  """The jitted Flax Llama training step (as :func:`flax_transformer_runner`), or ``None``
+  without Flax."""
+  try:
+    import flax  # noqa: PLC0415
+  except ImportError:
+    return None
+  import jax.numpy as jnp  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+
+  model = flax_llama_model(context, **arch)
+  ids = jnp.asarray(synthetic_tokens(batch_size, context, seed))
+  params = model.init(jax.random.key(seed), ids[:, :-1])["params"]
+
+  def loss_fn(params, ids):
+    logits = model.apply({"params": params}, ids[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  run, temp = lm_step_runner(loss_fn, params, ids, seed, calls)
+  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}

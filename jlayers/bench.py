@@ -17,6 +17,11 @@ timed in alternating rounds so that drift in machine speed falls on all alike; m
   blocks of 128 features, 4 causal heads, tied logits; batch 32, contexts 64 and 512; global
   norm clipping and AdamW) with jlayers manual, jlayers autodiff and, when installed, the same
   architecture in Flax linen.
+* **llama** (only when named in ``--sections``) — a training step of
+  ``TransformerLM.llama(103, 512)`` (4 blocks of 128 features, 4 query and 2 key/value heads,
+  a SwiGLU MLP of 352; batch 32; the loss through ``TransformerLM.loss``) with jlayers manual,
+  jlayers autodiff and a Flax linen peer of the same architecture (its rotary embedding and
+  SwiGLU in plain JAX, attention through ``jax.nn.dot_product_attention``).
 * **attention_options** (only when named in ``--sections``) — causal
   ``dot_product_attention`` forward+backward (batch 1, 8 heads of 64, float32, manual): the
   soft cap and segment ids against plain causal at T = 2 048, and a local window of 256 at
@@ -61,7 +66,7 @@ from jlayers.models import Sequential
 from jlayers.transformer import TransformerLM
 
 DEFAULT_SECTIONS = ("ops", "linear", "train", "transformer")
-SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options")
+SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options", "llama")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -372,6 +377,60 @@ ATTENTION_OPTIONS_TARGET = {"window_per_row": 1.3, "option": 1.2}
 256; soft cap and segment ids within ``option`` × plain causal at T = 2 048."""
 
 
+LLAMA_TARGET = {"time": 0.75, "temp": 0.4}
+"""jlayers manual's training step at most ``time`` × the Flax peer's time and ``temp`` × its
+compiled temporary memory."""
+
+
+def bench_llama(steps: int, warmup: int, rounds: int, context: int = 512,
+                batch_size: int = 32) -> dict:
+  """The Llama training step (see the module docstring): per implementation ``ms``,
+  ``temp_bytes``, and jlayers manual's ratios to it."""
+  arch = {"features": 128, "layers": 4, "heads": 4}
+  calls = warmup + 1 + steps * rounds
+  setups = {}
+  model = TransformerLM.llama(peers.VOCAB_SIZE, context, num_kv_heads=2, mlp_features=352,
+                              **arch)
+  ids = jnp.asarray(peers.synthetic_tokens(batch_size, context, 0))
+  params, _ = model.init(jax.random.key(0), (batch_size, context), input_dtype=jnp.int32)
+  for impl in ("manual", "autodiff"):
+    def loss_fn(params, ids, impl=impl):
+      return model.loss(params, ids[:, :-1], ids[:, 1:], impl=impl)
+
+    run, temp = peers.lm_step_runner(loss_fn, params, ids, 0, calls)
+    setups[f"jlayers {impl}"] = {"run": run, "temp_bytes": temp,
+                                 "version": f"jlayers {jlayers_version}"}
+  flax = peers.flax_llama_runner(context, batch_size, calls=calls, kv_heads=2,
+                                 mlp_features=352, **arch)
+  if flax is not None:
+    setups["Flax linen"] = flax
+  times = peers.time_interleaved({n: s["run"] for n, s in setups.items()}, steps, warmup,
+                                 rounds)
+  rows = {n: {"ms": statistics.median(times[n]), "temp_bytes": s["temp_bytes"],
+              "version": s["version"]} for n, s in setups.items()}
+  base = rows["jlayers manual"]
+  for r in rows.values():
+    r["manual_time_ratio"] = base["ms"] / r["ms"]
+    r["manual_temp_ratio"] = (base["temp_bytes"] / r["temp_bytes"]
+                              if base["temp_bytes"] is not None and r["temp_bytes"] else None)
+  return {"context": context, "batch": batch_size, "implementations": rows}
+
+
+def print_llama_table(result, out=sys.stdout):
+  t = LLAMA_TARGET
+  print(f"Llama training step (context {result['context']}, batch {result['batch']}); target: "
+        f"jlayers manual ≤ {t['time']}× Flax linen's time and ≤ {t['temp']}× its temporary "
+        "memory:\n", file=out)
+  print("| implementation | ms / step | temp memory | manual time ÷ this | manual memory ÷ this |",
+        file=out)
+  print("|---|---:|---:|---:|---:|", file=out)
+  for name, r in result["implementations"].items():
+    print(f"| {name} ({r['version']}) | {r['ms']:.1f} | {_fmt_bytes(r['temp_bytes'])} | "
+          f"{_fmt_ratio(r['manual_time_ratio'])} | {_fmt_ratio(r['manual_temp_ratio'])} |",
+          file=out)
+  print(file=out)
+
+
 def bench_attention_options(steps: int, warmup: int, rounds: int, seed: int = 0) -> dict:
   """Milliseconds of causal attention's forward+backward with each option (see the module
   docstring) and the ratios of :data:`ATTENTION_OPTIONS_TARGET`."""
@@ -505,6 +564,8 @@ def print_tables(report, out=sys.stdout):
     print_lm_head_table(report["lm_head"], out)
   if report.get("attention_options"):
     print_attention_options_table(report["attention_options"], out)
+  if report.get("llama"):
+    print_llama_table(report["llama"], out)
 
 
 def print_peer_table(peer: Peer, rows, out=sys.stdout):
@@ -596,6 +657,8 @@ def main(argv=None) -> int:
     report["transformer"] = bench_transformer(args.steps, args.warmup, args.rounds, contexts)
   if "lm_head" in sections:
     report["lm_head"] = bench_lm_head(args.steps, args.warmup, args.rounds)
+  if "llama" in sections:
+    report["llama"] = bench_llama(args.steps, args.warmup, args.rounds)
   if "attention_options" in sections:
     report["attention_options"] = bench_attention_options(args.steps, args.warmup,
                                                           args.rounds)
