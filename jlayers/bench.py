@@ -397,7 +397,8 @@ def bench_llama(steps: int, warmup: int, rounds: int, context: int = 512,
     def loss_fn(params, ids, impl=impl):
       return model.loss(params, ids[:, :-1], ids[:, 1:], impl=impl)
 
-    run, temp = peers.lm_step_runner(loss_fn, params, ids, 0, calls)
+    own = jax.tree_util.tree_map(jnp.copy, params)  # each runner donates its own
+    run, temp = peers.lm_step_runner(loss_fn, own, ids, 0, calls)
     setups[f"jlayers {impl}"] = {"run": run, "temp_bytes": temp,
                                  "version": f"jlayers {jlayers_version}"}
   flax = peers.flax_llama_runner(context, batch_size, calls=calls, kv_heads=2,
