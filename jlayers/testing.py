@@ -316,35 +316,55 @@ def _compare(manual, reference, case, make, dtype, *, name, rtol, seed, vmap, dt
   then draws the cotangent (and, with ``vmap``, a second example); the twin and the manual
   rule (traced in each of ``formulations``), and the vmap comparison, run in ONE jitted
   program, so a case costs one compile."""
+  return _compare_many(manual, reference, [(case, make, name, dtype_args)], dtype, rtol=rtol,
+                       seed=seed, vmap=vmap, formulations=formulations)[0]
+
+
+def _compare_many(manual, reference, items, dtype, *, rtol, seed, vmap,
+                  formulations) -> list[RuleReport]:
+  """:func:`_compare` for several ``(case, make, name, dtype_args)`` of one op at once: each
+  case's arguments and cotangents drawn as for it alone, and every case in ONE jitted program
+  (a batch of small cases compiles faster as one program than as many)."""
   dtype = jnp.dtype(dtype)
   x64 = jax.enable_x64(True) if dtype == jnp.float64 else contextlib.nullcontext()
   with x64:
-    rng = np.random.default_rng(seed)
-    args = make(rng, dtype)
-    primals = tuple(args[i] for i in case.diff)
-    cot = random_like(rng, jax.eval_shape(restrict(reference, case, args), *primals))
-    second = _second_example(rng, primals, cot) if vmap else None
+    drawn = []
+    for case, make, _, _ in items:
+      rng = np.random.default_rng(seed)
+      args = make(rng, dtype)
+      primals = tuple(args[i] for i in case.diff)
+      cot = random_like(rng, jax.eval_shape(restrict(reference, case, args), *primals))
+      drawn.append((args, primals, cot, _second_example(rng, primals, cot) if vmap else None))
 
-    def paired(args, primals, cot, second):
-      got = []
-      for form in formulations:
-        with formulation(form):
-          got.append(_vjp(manual, case, args, primals, cot))
-      batched = (None if second is None else
-                 _vmap_pair(manual, reference, case, args, (primals, cot), second))
-      return _vjp(reference, case, args, primals, cot), got, batched
+    def paired(drawn):
+      results = []
+      for (case, *_), (args, primals, cot, second) in zip(items, drawn):
+        got = []
+        for form in formulations:
+          with formulation(form):
+            got.append(_vjp(manual, case, args, primals, cot))
+        batched = (None if second is None else
+                   _vmap_pair(manual, reference, case, args, (primals, cot), second))
+        results.append((_vjp(reference, case, args, primals, cot), got, batched))
+      return results
 
-    (out_r, g_r), got, batched = jax.jit(paired)(args, primals, cot, second)
-    forward, grads, problems = Error(0.0, 0.0), dict.fromkeys(case.diff, Error(0.0, 0.0)), ()
-    for out_m, g_m in got:
-      forward = _worse(forward, worst(out_m, out_r))
-      grads = {i: _worse(grads[i], worst(a, b)) for i, a, b in zip(case.diff, g_m, g_r)}
-      problems += _wrong_gradients(case, primals, g_m, f"{dtype} ")
-    vmap_error = worst(*batched) if vmap else None
-  if dtype_args is not None:
-    problems += _dtype_problems(manual, case, dtype_args)
-  return RuleReport(name, str(dtype), forward, grads, vmap_error, tuple(dict.fromkeys(problems)),
-                    rtol)
+    measured = []
+    for (case, *_), (_, primals, _, _), ((out_r, g_r), got, batched) in zip(
+        items, drawn, jax.jit(paired)(drawn)):
+      forward, grads, problems = Error(0.0, 0.0), dict.fromkeys(case.diff, Error(0.0, 0.0)), ()
+      for out_m, g_m in got:
+        forward = _worse(forward, worst(out_m, out_r))
+        grads = {i: _worse(grads[i], worst(a, b)) for i, a, b in zip(case.diff, g_m, g_r)}
+        problems += _wrong_gradients(case, primals, g_m, f"{dtype} ")
+      measured.append((forward, grads, worst(*batched) if vmap else None, problems))
+  reports = []
+  for (case, _, name, dtype_args), (forward, grads, vmap_error, problems) in zip(items,
+                                                                                 measured):
+    if dtype_args is not None:
+      problems += _dtype_problems(manual, case, dtype_args)
+    reports.append(RuleReport(name, str(dtype), forward, grads, vmap_error,
+                              tuple(dict.fromkeys(problems)), rtol))
+  return reports
 
 
 def _second_example(rng, primals, cot):
@@ -462,6 +482,22 @@ def check_case(grid: Grid, case: Case, *, dtype=jnp.float64, rtol: float | None 
   if raises and not report.passed:
     raise RuleMismatch(str(report))
   return report
+
+
+def _check_cases(grid: Grid, cases, *, dtype=jnp.float64, rtol: float | None = None,
+                 vmap: bool = True, dtypes: bool = True, seed: int = 0,
+                 formulations: tuple[str, ...] = ("auto",)) -> list[RuleReport]:
+  """:func:`check_case` (``raises=False``) on several cases of ``grid`` compiled as one
+  program: the same draws and the same reports as case by case, in less compile time (the
+  test suite runs every grid case through it, a few cases at a time)."""
+  dtype = jnp.dtype(dtype)
+  if rtol is None:
+    rtol = tolerances().get(str(dtype), tolerances()["float32"])
+  items = [(case, case.make, f"{grid.name}[{case.id}]",
+            case.make(np.random.default_rng(seed), jnp.float32) if dtypes else None)
+           for case in cases]
+  return _compare_many(grid.manual, grid.reference, items, dtype, rtol=rtol, seed=seed,
+                       vmap=vmap, formulations=formulations)
 
 
 # ---------------------------------------------------------------------------------------------
