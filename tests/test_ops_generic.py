@@ -36,7 +36,7 @@ def _forms(grid):
 def _reports(name: str, start: int):
   """The float64 reports of ``GRIDS[name].cases[start:start + CHUNK]``, computed together by
   ``testing._check_cases`` (one program for the chunk: the same draws and reports as case by
-  case, in about two thirds of the compile time), for the tests of those cases to read; None if
+  case, in about two thirds of the CPU time), for the tests of those cases to read; None if
   the chunk raised, and each of its tests then runs its case alone."""
   grid = GRIDS[name]
   cases = grid.cases[start:start + CHUNK]
