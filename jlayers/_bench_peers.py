@@ -389,6 +389,14 @@ def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int =
     ``{"run": no-argument step, good for ``calls`` calls, "temp_bytes": int | None (compiled
     temporary memory), "version": "flax X.Y.Z"}``, or ``None`` if Flax is not installed.
   """
+  return _flax_lm_runner(lambda: flax_transformer_model(context, features=features,
+                                                        layers=layers, heads=heads),
+                         context, batch_size, seed, calls)
+
+
+def _flax_lm_runner(build, context: int, batch_size: int, seed: int, calls: int):
+  """The training step of the Flax module ``build()`` (logits from ids; mean cross-entropy of
+  the next token), or ``None`` if Flax is not installed."""
   try:
     import flax  # noqa: PLC0415
   except ImportError:
@@ -396,7 +404,7 @@ def flax_transformer_runner(context: int = 64, batch_size: int = 32, seed: int =
   import jax.numpy as jnp  # noqa: PLC0415
   import optax  # noqa: PLC0415
 
-  model = flax_transformer_model(context, features=features, layers=layers, heads=heads)
+  model = build()
   ids = jnp.asarray(synthetic_tokens(batch_size, context, seed))
   params = model.init(jax.random.key(seed), ids[:, :-1])["params"]
 
@@ -433,20 +441,5 @@ def flax_llama_runner(context: int = 512, batch_size: int = 32, seed: int = 0,
                       calls: int = 100, **arch) -> dict | None:
   """The jitted Flax Llama training step (as :func:`flax_transformer_runner`), or ``None``
   without Flax."""
-  try:
-    import flax  # noqa: PLC0415
-  except ImportError:
-    return None
-  import jax.numpy as jnp  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-
-  model = flax_llama_model(context, **arch)
-  ids = jnp.asarray(synthetic_tokens(batch_size, context, seed))
-  params = model.init(jax.random.key(seed), ids[:, :-1])["params"]
-
-  def loss_fn(params, ids):
-    logits = model.apply({"params": params}, ids[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-  run, temp = lm_step_runner(loss_fn, params, ids, seed, calls)
-  return {"run": run, "temp_bytes": temp, "version": f"flax {flax.__version__}"}
+  return _flax_lm_runner(lambda: flax_llama_model(context, **arch), context, batch_size, seed,
+                         calls)
