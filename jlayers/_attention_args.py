@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 
 from jlayers import _checks
-from jlayers._attention_blocks import Config, Extras, block_size
+from jlayers._attention_blocks import Config, Extras, block_size, key_block_size
 
 _OP = "dot_product_attention"
 
@@ -98,6 +98,6 @@ def validate(q, k, v, *, mask, causal, scale, local_window_size, logits_soft_cap
   cap = None
   if logits_soft_cap is not None:
     cap = _checks.positive_float(_OP, "logits_soft_cap", logits_soft_cap)
-  config = Config(bool(causal), float(scale), block_size(t), block_size(s),
+  config = Config(bool(causal), float(scale), block_size(t), key_block_size(t, s),
                   _window(local_window_size), cap)
   return q, k, v, extras, config, _checks.flag(_OP, "return_residual", return_residual)

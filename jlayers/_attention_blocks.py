@@ -24,6 +24,20 @@ SHORT_BLOCK = 64
 """Query rows or keys per block along a sequence of at most :data:`SHORT_SEQUENCE` (fewer when
 the sequence is shorter still)."""
 SHORT_SEQUENCE = 512
+ROW_BLOCK_SCORES = 1 << 16
+"""With this many scores or fewer in a whole ``T × S`` block of one head (one query row of
+decoding against a cache of up to 65 536 keys), the keys are one block: the forward is one
+product of the rows with every key, a softmax and one product with the values, with no loop
+over key blocks."""
+
+
+def key_block_size(t: int, s: int) -> int:
+  """Keys per block for ``t`` query rows against ``s`` keys: all of them when ``t · s`` is at
+  most :data:`ROW_BLOCK_SCORES` and ``t`` fits one query block (a few rows against a cache),
+  else :func:`block_size` of ``s``."""
+  if t <= SHORT_BLOCK and t * s <= ROW_BLOCK_SCORES and t < s:
+    return max(1, s)
+  return block_size(s)
 
 
 def block_size(length: int) -> int:

@@ -47,6 +47,24 @@ def floating(op: str, name: str, x) -> jax.Array:
   return x
 
 
+def integers_in(op: str, name: str, x, shape: tuple[int, ...], lo: int, hi: int) -> jax.Array:
+  """``x`` as an int32 array of ``shape`` whose entries lie in ``[lo, hi]``. The range is
+  checked when the values are known (not under ``jax.jit``); a traced ``x`` is the caller's to
+  guard (the library's callers mark such rows invalid)."""
+  x = as_array(op, name, x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{op}: {name} must have an integer dtype, got {x.dtype}")
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+  if not isinstance(x, jax.core.Tracer):
+    values = np.asarray(x)
+    bad = (values < lo) | (values > hi)
+    if bad.any():
+      raise ValueError(f"{op}: {name} must lie in [{lo}, {hi}], got {values[bad][:5].tolist()} "
+                       f"at {np.argwhere(bad)[:5, 0].tolist()}")
+  return x.astype(jnp.int32)
+
+
 def rank(op: str, name: str, x: jax.Array, expected: int | Sequence[int], what: str = "") -> None:
   """Raises ``ValueError`` unless ``x.ndim`` is ``expected`` (an int or a collection)."""
   allowed = (expected,) if isinstance(expected, int) else tuple(expected)

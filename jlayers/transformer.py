@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers import _checks
+from jlayers import _checks, _kv_cache
 from jlayers.layers import (GELU, Embedding, GatedMLP, LayerNorm, Linear, MultiHeadAttention,
                             RMSNorm, base)
 from jlayers.linear_cross_entropy import linear_cross_entropy_op
@@ -126,9 +126,11 @@ class DecoderBlock(Composite):
     return GatedMLP(hidden, activation="silu" if self.mlp == "swiglu" else "gelu_tanh",
                     use_bias=self.use_bias, **self._kw())
 
-  def forward(self, scope, x, *, positions=None, segment_ids=None):
+  def forward(self, scope, x, *, positions=None, segment_ids=None, cache_index=None,
+              lengths=None):
     h = scope("attention_norm", self._norm(), x)
-    h = scope("attention", self._attention(), h, positions=positions, segment_ids=segment_ids)
+    h = scope("attention", self._attention(), h, positions=positions, segment_ids=segment_ids,
+              cache_index=cache_index, lengths=lengths)
     if self.post_norms:
       h = scope("attention_post_norm", self._norm(), h)
     x = x + h
@@ -136,6 +138,12 @@ class DecoderBlock(Composite):
     if self.post_norms:
       h = scope("mlp_post_norm", self._norm(), h)
     return x + h
+
+  def init_cache(self, batch_size: int, max_length: int, *, dtype=jnp.float32) -> dict:
+    """The block's empty key/value cache (its state for decoding): ``{"attention": ...}``
+    of :meth:`jlayers.MultiHeadAttention.init_cache`."""
+    return {"attention": self._attention().init_cache(batch_size, max_length,
+                                                      features=self.features, dtype=dtype)}
 
 
 def llama3_frequencies(base: float, rotary_dim: int, *, factor: float, low_freq_factor: float,
@@ -297,11 +305,97 @@ class TransformerLM(Composite):
       return LayerNorm(eps=self.norm_eps, use_offset=self.use_bias, **self._kw())
     return RMSNorm(eps=self.norm_eps, scale_offset=self.norm_scale_offset, **self._kw())
 
-  def forward(self, scope, ids, *, positions=None, segment_ids=None, return_hidden=False):
+  def apply(self, params, state, ids, *, positions=None, segment_ids=None, lengths=None,
+            return_hidden=False, key=None, train=False, impl="manual"):
+    """Logits (or final hidden states) for ``ids``; with a cache as ``state``, of the new
+    tokens after the cached ones, and the updated cache (see the class docstring)."""
+    if not state:
+      if lengths is not None:
+        raise ValueError("TransformerLM: lengths are for decoding, with a cache as state "
+                         "(init_cache)")
+      return super().apply(params, state, ids, positions=positions, segment_ids=segment_ids,
+                           return_hidden=return_hidden, key=key, train=train, impl=impl)
+    where = "TransformerLM"
+    ids = self._check_ids(ids)
+    b, t = ids.shape
+    index = _kv_cache.check_index(where, state, b)
+    want = {"index"} | {f"block_{i}" for i in range(self.layers)}
+    if set(state) != want:
+      raise ValueError(f"{where}: the cache has entries {sorted(state)}, but this model's has "
+                       f"{sorted(want)}: a cache built for another model")
+    if segment_ids is not None:
+      raise ValueError(f"{where}: segment_ids are for packed training rows, not for decoding "
+                       "with a cache (each row is one sequence)")
+    count = (jnp.full((b,), t, jnp.int32) if lengths is None
+             else _checks.integers_in(where, "lengths", lengths, (b,), 0, t))
+    blocks = {name: entry for name, entry in state.items() if name != "index"}
+    y, blocks = super().apply(params, blocks, ids, positions=positions,
+                              return_hidden=return_hidden, cache_index=index, lengths=count,
+                              key=key, train=train, impl=impl)
+    y = _kv_cache.poison(y, (count < 0) | (count > t))
+    return y, {**blocks, "index": index + count}
+
+  def _check_ids(self, ids):
+    ids = _checks.as_array("TransformerLM", "ids", ids)
     if ids.ndim != 2 or not 1 <= ids.shape[1] <= self.context:
       raise ValueError(f"TransformerLM: ids must have shape (B, T) with 1 <= T <= context="
                        f"{self.context}, got {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"TransformerLM: ids must have an integer dtype, got {ids.dtype}")
+    return ids
+
+  def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> dict:
+    """An empty key/value cache for ``batch_size`` rows of up to ``max_length`` tokens: pass
+    it to ``apply`` as the state.
+
+    A plain dict of arrays (shard it, donate it, save it): ``"index": int32[B]`` (the tokens
+    each row holds, 0) and per block ``{"block_i": {"attention": {"key", "value"}}}``, each
+    ``dtype[B, slots, num_kv_heads, head_features]`` of zeros, where ``slots`` is
+    ``max_length`` for a global layer and ``min(sliding_window, max_length)`` for a window
+    layer (a ring buffer: its memory does not grow with ``max_length``). ``dtype`` defaults to
+    the model's ``dtype`` (or ``param_dtype``). :meth:`cache_bytes_per_token` gives its size.
+    """
+    where = "TransformerLM.init_cache"
+    _checks.positive_int(where, "batch_size", batch_size)
+    _checks.positive_int(where, "max_length", max_length)
+    dtype = (self.dtype or self.param_dtype) if dtype is None else dtype
+    cache = {f"block_{i}": self._block(i).init_cache(batch_size, max_length, dtype=dtype)
+             for i in range(self.layers)}
+    return {**cache, "index": jnp.zeros((batch_size,), jnp.int32)}
+
+  def cache_bytes_per_token(self, *, dtype=None) -> int:
+    """The bytes a cache holds per row and token: keys and values of every global layer
+    (window layers hold a fixed ring instead)."""
+    head = self.head_features or self.features // self.heads
+    per_layer = 2 * (self.num_kv_heads or self.heads) * head
+    dtype = jnp.dtype((self.dtype or self.param_dtype) if dtype is None else dtype)
+    globals_ = sum(self._block(i)._attention().cache_window is None for i in range(self.layers))
+    return globals_ * per_layer * dtype.itemsize
+
+  def logits(self, params, hidden, *, impl: str = "manual") -> jax.Array:
+    """The output logits ``float[..., vocab_size]`` of final hidden states
+    ``float[..., features]`` (``apply(..., return_hidden=True)``): the tied embedding's
+    :meth:`~jlayers.Embedding.attend` or the head, then ``final_soft_cap``."""
+    if self.tied:
+      embed = Embedding(self.vocab_size, self.features, **self._kw())
+      logits = embed.attend(params["embed"], hidden, impl=impl)
+    else:
+      head = Linear(self.vocab_size, use_bias=False, **self._kw())
+      logits = head.apply(params["head"], {}, hidden, impl=impl)[0]
+    return self._cap(logits)
+
+  def _cap(self, logits):
+    if self.final_soft_cap is None:
+      return logits
+    cap = self.final_soft_cap
+    return cap * jnp.tanh(logits / cap)
+
+  def forward(self, scope, ids, *, positions=None, segment_ids=None, return_hidden=False,
+              cache_index=None, lengths=None):
+    ids = self._check_ids(ids)
     b, t = ids.shape
+    if positions is None and cache_index is not None:  # the new tokens follow the cached ones
+      positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)
     if positions is not None:
       positions = _checks.as_array("TransformerLM", "positions", positions)
       if positions.shape not in ((t,), (b, t)):
@@ -319,7 +413,7 @@ class TransformerLM(Composite):
     for i in range(self.layers):
       block = self._block(i)
       h = scope(f"block_{i}", Remat(block) if self.remat else block, h, positions=positions,
-                segment_ids=segment_ids)
+                segment_ids=segment_ids, cache_index=cache_index, lengths=lengths)
     h = scope("norm", self._final_norm(), h)
     head = Linear(self.vocab_size, use_bias=False, **self._kw())
     if return_hidden:
@@ -330,10 +424,7 @@ class TransformerLM(Composite):
       logits = embed.attend(scope.params_of("embed"), h, impl=scope.impl)
     else:
       logits = scope("head", head, h)
-    if self.final_soft_cap is not None:
-      cap = self.final_soft_cap
-      logits = cap * jnp.tanh(logits / cap)
-    return logits
+    return self._cap(logits)
 
   def init_shapes(self) -> dict:
     """The params' shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), without computing

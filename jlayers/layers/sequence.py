@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from jlayers import _checks
+from jlayers import _checks, _kv_cache
 from jlayers.attention import dot_product_attention_op
 from jlayers.embedding import embedding_op
 from jlayers.layers import base
@@ -115,6 +115,16 @@ class MultiHeadAttention(Layer):
   so self-attention) rotate queries and keys; ``segment_ids: int[B, T]`` keep each query to
   the keys of its own segment (packed rows; self-attention). There is no dropout on the
   attention weights.
+
+  Decoding (causal self-attention only): ``state`` is the layer's key/value cache
+  (:meth:`init_cache`), and ``apply(params, cache, x, positions=..., cache_index=...,
+  lengths=...)`` attends the ``T`` new tokens of each row to the ``cache_index[b]`` tokens
+  the cache holds and to each other (causally, within the window), and returns the cache with
+  their keys and values written (:mod:`jlayers._kv_cache` has the layout: one slot per token,
+  or a ring of ``W`` slots for a window of ``W`` keys). ``cache_index: int[B]`` is the index
+  of each row's first new token, ``lengths: int[B]`` how many of the ``T`` are real (default
+  all); ``positions`` should be the tokens' positions (the model passes
+  ``cache_index[:, None] + arange(T)``).
   """
 
   kind: ClassVar[str] = "multi_head_attention"
@@ -216,6 +226,43 @@ class MultiHeadAttention(Layer):
       params["sinks"] = jnp.zeros((self.num_heads,), self.param_dtype)
     return params, {}
 
+  @property
+  def cache_window(self) -> int | None:
+    """The keys a query sees in decoding (itself included), ``None`` for all: ``left + 1`` of
+    a causal ``local_window_size``."""
+    if self.local_window_size is None:
+      return None
+    left = (self.local_window_size if isinstance(self.local_window_size, int)
+            else self.local_window_size[0])
+    return left + 1
+
+  def _check_cacheable(self, where: str) -> None:
+    window = self.local_window_size
+    right = (None if window is None else window if isinstance(window, int) else window[1])
+    if not self.causal or right not in (None, 0):
+      raise ValueError(f"{where}: a key/value cache is for causal self-attention (causal=True, "
+                       f"no window to the right), got causal={self.causal}, "
+                       f"local_window_size={window}")
+
+  def init_cache(self, batch_size: int, max_length: int, *, features: int,
+                 dtype=jnp.float32) -> dict:
+    """An empty key/value cache for ``batch_size`` rows of up to ``max_length`` tokens of
+    ``features`` (the input's width): ``{"key", "value"}``, each
+    ``dtype[batch_size, slots, num_kv_heads, head_features]`` of zeros, with ``slots =
+    max_length``, or ``min(W, max_length)`` for a window of ``W`` keys (a ring). Pass it as
+    ``apply``'s state."""
+    where = "MultiHeadAttention.init_cache"
+    self._check_cacheable(where)
+    _checks.positive_int(where, "batch_size", batch_size)
+    _checks.positive_int(where, "max_length", max_length)
+    shape = self._cache_shape(batch_size, max_length, features)
+    dtype = _checks.float_dtype(where, "dtype", dtype, optional=False)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+  def _cache_shape(self, batch_size, max_length, features):
+    head = self._sizes(features)["query"][1] // self.num_heads
+    return (batch_size, _kv_cache.slots(self.cache_window, max_length), self.kv_heads, head)
+
   def _names(self) -> tuple[str, ...]:
     return (("query", "key", "value", "out") + (("query_norm", "key_norm") if self.qk_norm
                                                  else ()) + (("sinks",) if self.sinks else ()))
@@ -238,9 +285,12 @@ class MultiHeadAttention(Layer):
         interleaved=self.rotary_interleaved, frequencies=frequencies)
 
   def apply(self, params, state, x, *, inputs_kv=None, mask=None, positions=None,
-            segment_ids=None, key=None, train=False, impl="manual"):
+            segment_ids=None, cache_index=None, lengths=None, key=None, train=False,
+            impl="manual"):
     where = "MultiHeadAttention"
     _checks.static_call(where, train, impl)
+    if state or cache_index is not None:
+      self._check_decoding(where, state, x, inputs_kv, mask, segment_ids, cache_index)
     base.entries(self, params, "params", self._names())
     x = base.compute_dtype(self, x)
     kv = x if inputs_kv is None else base.compute_dtype(self, inputs_kv)
@@ -267,11 +317,44 @@ class MultiHeadAttention(Layer):
       raise ValueError(f"{where}: positions were given, but the layer has no rotary embedding "
                        "(rotary_base=None)")
     if self.rotary_base is not None:
-      if positions is None:
+      if positions is None and state:  # decoding: the new tokens follow the cached ones
+        positions = cache_index[:, None] + jnp.arange(t, dtype=cache_index.dtype)
+      elif positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
       q, k = self._rope(q, positions, impl), self._rope(k, positions, impl)
-    o = dot_product_attention_op.select(impl)(
-        q, k, v, mask=mask, causal=self.causal, scale=self.scale,
-        local_window_size=self.local_window_size, logits_soft_cap=self.logits_soft_cap,
-        q_segment_ids=segment_ids, sinks=params["sinks"] if self.sinks else None)
+    sinks = params["sinks"] if self.sinks else None
+    if state:
+      count = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+
+      def attention(q, k, v, **visibility):  # in the cache's dtype
+        return dot_product_attention_op.select(impl)(
+            q.astype(k.dtype), k, v, scale=self.scale, logits_soft_cap=self.logits_soft_cap,
+            sinks=sinks, **visibility).astype(q.dtype)
+
+      o, state, overflow = _kv_cache.attend(attention, q, k, v, state, cache_index, count,
+                                            window=self.cache_window)
+      o = _kv_cache.poison(o, overflow)
+    else:
+      o = dot_product_attention_op.select(impl)(
+          q, k, v, mask=mask, causal=self.causal, scale=self.scale,
+          local_window_size=self.local_window_size, logits_soft_cap=self.logits_soft_cap,
+          q_segment_ids=segment_ids, sinks=sinks)
     return self._project(params, "out", o.reshape(b, t, self.num_heads * head), impl), state
+
+  def _check_decoding(self, where, cache, x, inputs_kv, mask, segment_ids, cache_index):
+    self._check_cacheable(where)
+    if not cache or cache_index is None:
+      raise ValueError(f"{where}: decoding needs both the cache (as state) and cache_index")
+    if inputs_kv is not None or mask is not None or segment_ids is not None:
+      raise ValueError(f"{where}: with a cache, inputs_kv, mask and segment_ids must be None")
+    want = self._cache_shape(x.shape[0], 1, x.shape[-1])
+    for name in ("key", "value"):
+      got = jnp.shape(cache.get(name)) if isinstance(cache, dict) else ()
+      window = self.cache_window
+      ok = (len(got) == 4 and got[0] == want[0] and got[2:] == want[2:]
+            and (window is None or got[1] <= window))
+      if not ok:
+        raise ValueError(f"{where}: the cache's {name!r} must have shape (B, slots, K, H) = "
+                         f"({want[0]}, slots{'' if window is None else f' <= {window}'}, "
+                         f"{want[2]}, {want[3]}), got {got}: a cache built for another model "
+                         "or batch")
