@@ -34,6 +34,7 @@ from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embeddi
                             MultiHeadAttention, ReLU, RMSNorm, SiLU)
 from jlayers.models import Composite, Remat, Residual, Scope, Sequential
 from jlayers.parallel import DataParallel
+from jlayers.generation import Generation, filter_logits, generate, sample_logits
 from jlayers.testing import grad_differences, max_grad_difference
 from jlayers.transformer import DecoderBlock, TransformerLM, llama3_frequencies, transformer_block
 
@@ -85,6 +86,11 @@ __all__ = [
     "DecoderBlock",
     "llama3_frequencies",
     "transformer_block",
+    # generation with the key/value cache
+    "Generation",
+    "filter_logits",
+    "generate",
+    "sample_logits",
     # Hugging Face checkpoints
     "checkpoints",
 ]

@@ -1,5 +1,9 @@
 """Weights of Hugging Face ``transformers`` checkpoints as :class:`jlayers.TransformerLM`
-params, and back.
+params.
+
+:func:`load_hf` reads a checkpoint directory as ``save_pretrained`` writes it (``config.json``
+and ``model.safetensors``, or shards listed by ``model.safetensors.index.json``) into a model
+and its params; :func:`params_from_hf` turns tensors already in memory into params.
 
 A checkpoint's tensors are named as ``transformers`` writes them in ``model.safetensors``
 (``model.layers.0.self_attn.q_proj.weight``, GPT-2's ``transformer.h.0.attn.c_attn.weight``);
@@ -11,6 +15,9 @@ must be present with its shape, and every tensor present must be used: anything 
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -143,3 +150,90 @@ def params_from_hf(model: TransformerLM, tensors: Mapping[str, Any], *,
         raise ValueError(f"params_from_hf: tensor {name!r} gives params{list(p)} the shape "
                          f"{got}, but the model has {expected}")
   return params
+
+
+_INDEX = "model.safetensors.index.json"
+
+
+def _weight_files(root: pathlib.Path) -> list[pathlib.Path]:
+  """The ``.safetensors`` files of the checkpoint in ``root``, each checked to exist."""
+  single, index = root / "model.safetensors", root / _INDEX
+  if single.is_file():
+    return [single]
+  if not index.is_file():
+    raise FileNotFoundError(f"load_hf: {str(root)!r} has neither model.safetensors nor {_INDEX} "
+                            "(torch .bin checkpoints are not read)")
+  listing = json.loads(index.read_text())
+  if "weight_map" not in listing:
+    raise ValueError(f"load_hf: {str(index)!r} has no \"weight_map\" (tensor name -> file)")
+  files = [root / name for name in dict.fromkeys(listing["weight_map"].values())]
+  for file in files:
+    if not file.is_file():
+      raise FileNotFoundError(f"load_hf: {str(index)!r} lists {file.name!r}, but "
+                              f"{str(file)!r} does not exist")
+  return files
+
+
+def load_hf(path: str | os.PathLike, *, dtype=None, context: int | None = None,
+            **overrides) -> tuple[TransformerLM, dict]:
+  """The model and params of a Hugging Face checkpoint saved on disk.
+
+  Reads ``config.json`` into :meth:`TransformerLM.from_hf_config` and every tensor of the
+  weight files with the ``safetensors`` package's NumPy reader (no torch), then hands them to
+  :func:`params_from_hf`. bfloat16 tensors are read as ``ml_dtypes.bfloat16`` arrays, exactly.
+
+  Args:
+    path: a directory holding ``config.json`` and either ``model.safetensors`` or the shards
+      that ``model.safetensors.index.json`` lists in its ``"weight_map"`` (tensor name -> file
+      name), as ``save_pretrained`` writes them.
+    dtype: the params' dtype; default the model's ``param_dtype`` (float32 unless
+      ``overrides`` set it).
+    context: the model's context; default the config's maximum positions. GPT-2's learned
+      position table is cut to it.
+    **overrides: further :class:`TransformerLM` options (``dtype``, ``param_dtype``,
+      ``remat``, ...), passed to :meth:`TransformerLM.from_hf_config`.
+
+  Returns:
+    ``(model, params)``: the :class:`TransformerLM` and its params, as ``model.init`` lays
+    them out.
+
+  Raises:
+    FileNotFoundError: ``path``, its ``config.json`` or its weight files (``model.safetensors``
+      or the index), or a file the index lists, does not exist (the path is named).
+    ValueError: the config's ``model_type`` is not supported, the index has no
+      ``"weight_map"``, a tensor is in two shards, or a tensor is missing, extra or of the
+      wrong shape (named, by :func:`params_from_hf`).
+    ImportError: the ``safetensors`` package is not installed.
+
+  Examples:
+    .. code-block:: python
+
+      model, params = jlayers.checkpoints.load_hf("path/to/Qwen2.5-0.5B", context=2048,
+                                                  dtype=jnp.bfloat16)
+      logits = model.apply(params, {}, ids)[0]
+  """
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as error:
+    raise ImportError("load_hf reads checkpoints with the safetensors package: pip install "
+                      "safetensors (or pip install 'jlayers[hf]')") from error
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f"load_hf: no checkpoint directory {str(root)!r}")
+  config_file = root / "config.json"
+  if not config_file.is_file():
+    raise FileNotFoundError(f"load_hf: {str(root)!r} has no config.json ({str(config_file)!r})")
+  files = _weight_files(root)
+  model = TransformerLM.from_hf_config(json.loads(config_file.read_text()), context=context,
+                                       **overrides)
+  # safetensors gives BF16 tensors numpy's dtype "bfloat16", which ml_dtypes registers; jax
+  # imports ml_dtypes, so it is registered by now.
+  tensors: dict = {}
+  found_in: dict = {}
+  for file in files:
+    for name, value in load_file(str(file)).items():
+      if name in tensors:
+        raise ValueError(f"load_hf: tensor {name!r} is in both {found_in[name].name!r} and "
+                         f"{file.name!r}")
+      tensors[name], found_in[name] = value, file
+  return model, params_from_hf(model, tensors, dtype=dtype)
