@@ -41,8 +41,12 @@ def is_ring(window: int | None, num_slots: int) -> bool:
 def _write(buffer, new, slot):
   """``buffer [B, S, K, H]`` with ``new [B, T, K, H]`` written at ``slot [B, T]``; slots out of
   range (``S``) are dropped."""
-  rows = jnp.arange(buffer.shape[0], dtype=slot.dtype)[:, None]
-  return buffer.at[rows, slot].set(new.astype(buffer.dtype), mode="drop")
+  # Per row (a scatter with the batch as a batching dimension): on a mesh each device writes
+  # its own rows, with no collective.
+  def row(buffer, new, slot):
+    return buffer.at[slot].set(new, mode="drop")
+
+  return jax.vmap(row)(buffer, new.astype(buffer.dtype), slot)
 
 
 def _new_slots(start, count, t: int, num_slots: int, ring: bool):

@@ -79,7 +79,10 @@ def filter_logits(logits: jax.Array, *, top_k: int | None = None,
   top_k, top_p = _check_filters(where, top_k, top_p)
   ninf = jnp.asarray(-jnp.inf, logits.dtype)
   if top_k is not None and top_k < logits.shape[-1]:
-    kth = lax.top_k(logits, top_k)[0][..., -1:]
+    # The k-th largest from a sort along the vocabulary: local to each row on a mesh, where
+    # lax.top_k's partitioning gathers the batch.
+    v = logits.shape[-1]
+    kth = jnp.sort(logits, axis=-1)[..., v - top_k:v - top_k + 1]
     logits = jnp.where(logits >= kth, logits, ninf)
   if top_p is not None and top_p < 1:
     p = jax.nn.softmax(logits.astype(_checks.at_least_float32(logits.dtype)), axis=-1)
@@ -238,10 +241,11 @@ def _generate(model, options: _Options, params, prompt, lengths, key):
   f32 = _checks.at_least_float32(logits.dtype)  # the logits' dtype in the loop
   logits = logits.astype(f32)
   n = o.max_new_tokens
-  tokens = jnp.full((b, n), o.pad_id, jnp.int32)
-  saved = jnp.zeros((b, n, logits.shape[-1]) if o.return_logits else (b, 0), f32)
-  done = jnp.zeros((b,), bool)
-  count = jnp.zeros((b,), jnp.int32)
+  tokens, saved, done, count = (
+      _sharding.reshard_like(a, prompt, axes=(0,)) for a in (
+          jnp.full((b, n), o.pad_id, jnp.int32),
+          jnp.zeros((b, n, logits.shape[-1]) if o.return_logits else (b, 0), f32),
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)))
 
   def choose(step, logits, done, tokens, count, saved):
     token = sample_logits(logits, jax.random.fold_in(key, step), temperature=o.temperature,

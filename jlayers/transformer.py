@@ -395,7 +395,7 @@ class TransformerLM(Composite):
     ids = self._check_ids(ids)
     b, t = ids.shape
     if positions is None and cache_index is not None:  # the new tokens follow the cached ones
-      positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)
+      positions = cache_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     if positions is not None:
       positions = _checks.as_array("TransformerLM", "positions", positions)
       if positions.shape not in ((t,), (b, t)):

@@ -11,6 +11,8 @@ all; importing this module runs nothing.
   or closed over as constants, explicit and auto axes, against one device.
 * ``train_step``: one training step of the digits CNN on 8 devices against 1 device.
 * ``charlm_step``: the same for the character transformer of ``examples/train_charlm.py``.
+* ``generation``: :func:`jlayers.generate` (greedy and sampled, a window model) with the
+  batch split over 8 devices, explicit and auto axes, against one device.
 * ``sync_batch_norm``: batch norm with ``axis_name`` under shard_map, pmap and vmap.
 """
 
@@ -256,6 +258,54 @@ def charlm_step(batch: int = 24) -> dict:
   return out
 
 
+def generation() -> list[dict]:
+  """Greedy (with its logits) and sampled generation from a Mistral-style model (grouped-query
+  heads, rotary positions, a window shorter than the sequence) with prompts of several lengths,
+  the prompt's batch split over ``DEVICES`` (explicit and auto axes), params replicated:
+  whether the tokens equal one device's, the logits' relative difference, and the compiled
+  program's collectives."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  import jlayers  # noqa: PLC0415
+
+  model = jlayers.TransformerLM.mistral(13, 16, features=16, layers=2, heads=4, num_kv_heads=2,
+                                        mlp_features=32, sliding_window=3)
+  params, _ = model.init(jax.random.key(0), (1, 16), input_dtype=jnp.int32)
+  rng = np.random.default_rng(5)
+  prompt = rng.integers(0, 13, (DEVICES, 6)).astype(np.int32)
+  lengths = rng.integers(1, 7, DEVICES).astype(np.int32)
+  options = {"greedy": {"temperature": 0.0, "return_logits": True},
+             "sampled": {"key": jax.random.key(7), "top_k": 5, "top_p": 0.9, "eos_id": 2}}
+  rows = []
+  for name, kw in options.items():
+    def run(params, prompt, lengths, kw=kw):
+      return jlayers.generate(model, params, prompt, lengths=lengths, max_new_tokens=6, **kw)
+    want = jax.jit(run)(params, prompt, lengths)
+    for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+      row = {"options": name, "mode": mode}
+      try:
+        mesh = jax.make_mesh((DEVICES,), ("batch",), axis_types=(axis_type,))
+        with jax.set_mesh(mesh):
+          put = lambda a, s, mesh=mesh: jax.device_put(a, NamedSharding(mesh, s))  # noqa: E731
+          args = (jax.tree.map(lambda a: put(a, P()), params), put(prompt, P("batch")),
+                  put(lengths, P("batch")))
+          compiled = jax.jit(run).lower(*args).compile()
+          got = compiled(*args)
+        row.update(compiles=True,
+                   tokens_equal=bool(np.array_equal(got.tokens, want.tokens)
+                                     and np.array_equal(got.lengths, want.lengths)),
+                   rel_err=0.0 if got.logits is None else rel_err(got.logits, want.logits),
+                   **collectives(compiled.as_text(), DEVICES))
+      except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
+        row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:800])
+      rows.append(row)
+  return rows
+
+
 def sync_batch_norm() -> dict:
   """Batch norm with ``axis_name`` under shard_map, pmap(grad), grad(pmap), vmap(grad) and
   grad(vmap), manual and twin, against the single-device batch norm of the whole batch, in
@@ -322,7 +372,8 @@ def run() -> dict:
     return {"error": f"needs {DEVICES} devices, got {jax.device_count()}"}
   report = {}
   for name, fn in (("ops", op_rows), ("loss_layouts", loss_layouts), ("train_step", train_step),
-                   ("charlm_step", charlm_step), ("sync_batch_norm", sync_batch_norm)):
+                   ("charlm_step", charlm_step), ("generation", generation),
+                   ("sync_batch_norm", sync_batch_norm)):
     try:
       report[name] = fn()
     except Exception:  # noqa: BLE001  (the test reports the section's traceback)

@@ -95,9 +95,11 @@ def test_main_flags_plot_and_exit_status(example, tmp_path, capsys):
 
 
 def test_generation_reads_the_last_context_characters(example):
-  """Once the text is longer than the context, only the last characters enter the model."""
+  """Once the text is longer than the context, only the last characters enter the model, and
+  sampling goes on in chunks of fresh caches; the compiled chunks' speed is reported."""
   vocab, train, _ = example.load_data()
   model = example.build_model(len(vocab), **TINY)
   params, _ = model.init(jax.random.key(0), (1, 16), input_dtype=jnp.int32)
-  text = example.generate(model, params, vocab, "x" * 40, 5, jax.random.key(1))
-  assert len(text) == 45 and text.startswith("x" * 40)
+  text, speed = example.generate(model, params, vocab, "x" * 40, 30, jax.random.key(1))
+  assert len(text) == 70 and text.startswith("x" * 40)
+  assert speed["tokens"] > 0 and speed["tokens_per_second"] > 0

@@ -108,6 +108,21 @@ def test_the_transformer_example_trains_and_samples_on_eight_devices(report):
   assert math.isfinite(result["val_loss"]), result
 
 
+@pytest.mark.parametrize("options", ["greedy", "sampled"])
+@pytest.mark.parametrize("mode", ["explicit", "auto"])
+def test_generation_with_the_batch_split_equals_one_device(report, options, mode):
+  """``jlayers.generate`` (prefill, the decode loop, the cache's ring buffer, top-k/top-p
+  sampling with an end-of-sequence id) with the prompts split over 8 devices: the same tokens
+  and lengths as one device, logits within 1e-5, and no gather of any kind (each device writes
+  and reads its own rows of the cache)."""
+  (row,) = [r for r in _section(report, "generation")
+            if r["options"] == options and r["mode"] == mode]
+  assert row["compiles"], row.get("error")
+  assert row["tokens_equal"], row
+  assert row["rel_err"] <= REL_TOL, row
+  assert row["all_gather"] == 0 and row["all_to_all"] == 0, row["shapes"]
+
+
 def test_synchronised_batch_norm_over_eight_devices(report):
   """With ``axis_name``, under shard_map, pmap and vmap and with the gradient taken inside or
   outside the mapping, the manual rule and its twin both equal the single-device batch norm of

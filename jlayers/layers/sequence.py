@@ -318,7 +318,7 @@ class MultiHeadAttention(Layer):
                        "(rotary_base=None)")
     if self.rotary_base is not None:
       if positions is None and state:  # decoding: the new tokens follow the cached ones
-        positions = cache_index[:, None] + jnp.arange(t, dtype=cache_index.dtype)
+        positions = cache_index[:, None] + jnp.arange(t, dtype=cache_index.dtype)[None, :]
       elif positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
       q, k = self._rope(q, positions, impl), self._rope(k, positions, impl)
