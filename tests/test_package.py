@@ -61,7 +61,7 @@ def test_ci_runs_exactly_the_readmes_test_command():
 
 
 def test_readme_python_blocks_run():
-  tour, llama, transformer, composite, own_op = _readme_blocks("python")
+  tour, llama, transformer, generation, composite, own_op = _readme_blocks("python")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # as users run it (optax mixes int and float)
     exec(compile(tour, "README.md", "exec"), namespace)  # noqa: S102
@@ -77,6 +77,11 @@ def test_readme_python_blocks_run():
   differences = namespace["differences"]
   assert len(differences) > 30
   assert max(v for k, v in differences.items() if "'key']['bias'" not in k) < 1e-12
+  namespace = {}
+  exec(compile(generation, "README.md", "exec"), namespace)  # noqa: S102
+  out = namespace["out"]
+  assert out.tokens.shape == (2, 20)
+  assert all(1 <= n <= 20 for n in out.lengths.tolist())
   namespace = {}
   exec(compile(composite, "README.md", "exec"), namespace)  # noqa: S102
   assert sorted(namespace["params"]) == ["bn1", "bn2", "bn_proj", "conv1", "conv2", "proj"]
