@@ -204,6 +204,17 @@ class TransformerLM(Composite):
   gives the final normed hidden states ``float[B, T, features]`` instead of logits.
   :meth:`loss` is the training loss, without logits.
 
+  Decoding: with a key/value cache (:meth:`init_cache`) as ``state``,
+  ``apply(params, cache, ids, *, lengths=None, positions=None)`` runs ``ids: int[B, T]`` as
+  the tokens that follow the ``cache["index"][b]`` tokens the cache holds (a prompt, a chunk
+  of one, or one token per row): each attends causally (and within its window) to the cached
+  tokens and to the new ones before it, and ``(logits, cache)`` come back, the cache holding
+  the new tokens too. ``lengths: int[B]`` in ``[0, T]`` says how many of a row's ``T`` tokens
+  are real (the rest is padding on the right; default ``T``); ``positions`` default to
+  ``index[:, None] + arange(T)``. A row whose tokens overflow a global layer's cache, or
+  whose ``lengths`` lie outside ``[0, T]`` under ``jax.jit`` (unchecked there), gets NaN
+  logits. :func:`jlayers.generate` drives it.
+
   Params: ``{"embed", "position" (learned positions), "block_0", ..., "norm"}`` (and
   ``"head"`` untied). No state. Initialise with ``init(key, (B, T), input_dtype=jnp.int32)``.
 

@@ -352,9 +352,10 @@ class MultiHeadAttention(Layer):
       got = jnp.shape(cache.get(name)) if isinstance(cache, dict) else ()
       window = self.cache_window
       ok = (len(got) == 4 and got[0] == want[0] and got[2:] == want[2:]
-            and (window is None or got[1] <= window))
+            and (window is None or got[1] <= window)
+            and jnp.issubdtype(jnp.result_type(cache[name]), jnp.floating))
       if not ok:
         raise ValueError(f"{where}: the cache's {name!r} must have shape (B, slots, K, H) = "
                          f"({want[0]}, slots{'' if window is None else f' <= {window}'}, "
-                         f"{want[2]}, {want[3]}), got {got}: a cache built for another model "
-                         "or batch")
+                         f"{want[2]}, {want[3]}) and a float dtype, got {got}: a cache built for "
+                         "another model or batch")
