@@ -92,7 +92,7 @@ def attend(attention, q, k, v, cache, start, count, *, window: int | None):
   if ring:  # the ring before the write, then the new tokens
     j = jnp.arange(num_slots, dtype=start.dtype)[None, :]
     held = start[:, None] - 1 - (start[:, None] - 1 - j) % num_slots  # [B, slots]; < 0: empty
-    fresh = jnp.where(jnp.arange(t)[None, :] < count[:, None], query, -1)
+    fresh = jnp.where(jnp.arange(t, dtype=start.dtype)[None, :] < count[:, None], query, -1)
     key_index = jnp.concatenate([held, fresh], axis=1)
     keys, values = (jnp.concatenate([cache[name], a.astype(cache[name].dtype)], axis=1)
                     for name, a in (("key", k), ("value", v)))

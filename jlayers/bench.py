@@ -32,6 +32,11 @@ timed in alternating rounds so that drift in machine speed falls on all alike; m
   for ``reduction="mean"`` and ``"none"``) against its twin (``linear`` then the cross-entropy,
   autodiff) and optax on the materialised logits; then the compiled temporary memory alone at
   V = 131 072 and 256 000, where the unfused programs would not fit in memory to run.
+* **generate** (only when named in ``--sections``: minutes per run) — greedy generation to
+  context 512 with the example's character LMs (GPT and Llama, batch 1 and 8, float32):
+  ``jlayers.generate`` through the key/value cache against recomputing the whole window per
+  token, and its decode loop against Flax linen's ``decode=True`` cache; the cache's bytes
+  next to the params' (:mod:`jlayers._bench_generate`).
 
 Prints a Markdown table; ``--json`` prints the same figures for machines.
 """
@@ -55,8 +60,8 @@ import numpy as np
 import optax
 
 from jlayers import __version__ as jlayers_version
+from jlayers import _bench_generate, _platform, reference, testing
 from jlayers import _bench_peers as peers
-from jlayers import _platform, reference, testing
 from jlayers.grids import GRIDS
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 from jlayers.linear import linear_op
@@ -66,7 +71,7 @@ from jlayers.models import Sequential
 from jlayers.transformer import TransformerLM
 
 DEFAULT_SECTIONS = ("ops", "linear", "train", "transformer")
-SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options", "llama")
+SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options", "llama", "generate")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -567,6 +572,8 @@ def print_tables(report, out=sys.stdout):
     print_attention_options_table(report["attention_options"], out)
   if report.get("llama"):
     print_llama_table(report["llama"], out)
+  if report.get("generate"):
+    _bench_generate.print_generate_table(report["generate"], out)
 
 
 def print_peer_table(peer: Peer, rows, out=sys.stdout):
@@ -660,6 +667,8 @@ def main(argv=None) -> int:
     report["lm_head"] = bench_lm_head(args.steps, args.warmup, args.rounds)
   if "llama" in sections:
     report["llama"] = bench_llama(args.steps, args.warmup, args.rounds)
+  if "generate" in sections:
+    report["generate"] = _bench_generate.bench_generate(args.steps, args.warmup, args.rounds)
   if "attention_options" in sections:
     report["attention_options"] = bench_attention_options(args.steps, args.warmup,
                                                           args.rounds)

@@ -8,7 +8,7 @@ import json
 import jax
 import pytest
 
-from jlayers import bench
+from jlayers import _bench_generate, bench
 from jlayers.grids import GRIDS
 from jlayers.testing import Case, normal
 
@@ -112,3 +112,28 @@ def test_lm_head_section_in_a_tiny_configuration():
   bench.print_lm_head_table(rows, out)
   assert "| 64 | none | not run | not run | not run | n/a | n/a |" in out.getvalue()
   assert "temporary memory ≤ 0.05× the twin's and optax's" in out.getvalue()
+
+
+def test_generate_section_in_a_tiny_configuration():
+  assert "generate" in bench.SECTIONS and "generate" not in bench.DEFAULT_SECTIONS
+  result = _bench_generate.bench_generate(1, 1, 1, context=16, prompt_len=4, batches=(2,),
+                                          recompute_steps=3, features=16, layers=1, heads=2)
+  assert (result["context"], result["prompt"], result["new_tokens"]) == (16, 4, 12)
+  rows = result["rows"]
+  assert [(r["model"], r["batch"]) for r in rows] == [("gpt", 2), ("llama", 2)]
+  gpt, llama = rows
+  for r in rows:
+    assert r["cache_tokens_per_s"] > 0 and r["recompute_tokens_per_s"] > 0
+    assert r["cache_vs_recompute"] == r["cache_tokens_per_s"] / r["recompute_tokens_per_s"]
+    assert r["recompute_agrees"]  # the cache and the window's full forward pick the same tokens
+    assert r["cache_bytes"] == 2 * 16 * r["cache_bytes_per_token"] + 2 * 4  # + int32 index
+  assert gpt["cache_bytes_per_token"] == 2 * 16 * 4 and llama["cache_bytes_per_token"] == 2 * 8 * 4
+  if importlib.util.find_spec("flax") is not None:
+    assert gpt["flax_agrees"]  # the Flax peer is the same model: the same greedy tokens
+    assert gpt["step_ratio"] == gpt["cache_step_ms"] / gpt["flax_step_ms"]
+  assert "flax_ms" not in llama  # the Flax peer is GPT only
+  out = io.StringIO()
+  _bench_generate.print_generate_table(result, out)
+  text = out.getvalue()
+  assert "| llama | 2 |" in text and "n/a | n/a | n/a | n/a |" in text
+  assert "the cache ≥ 10× recomputation's tokens/s, jlayers' decode step ≤ 1× Flax's" in text
