@@ -211,9 +211,9 @@ class TransformerLM(Composite):
   tokens and to the new ones before it, and ``(logits, cache)`` come back, the cache holding
   the new tokens too. ``lengths: int[B]`` in ``[0, T]`` says how many of a row's ``T`` tokens
   are real (the rest is padding on the right; default ``T``); ``positions`` default to
-  ``index[:, None] + arange(T)``. A row whose tokens overflow a global layer's cache, or
-  whose ``lengths`` lie outside ``[0, T]`` under ``jax.jit`` (unchecked there), gets NaN
-  logits. :func:`jlayers.generate` drives it.
+  ``index[:, None] + arange(T)``. A row whose tokens overflow a global layer's cache gets
+  NaN logits (then and at every later step); a row whose ``lengths`` lie outside ``[0, T]``
+  under ``jax.jit`` (unchecked there) gets NaN logits and its cache is left as it was. :func:`jlayers.generate` drives it.
 
   Params: ``{"embed", "position" (learned positions), "block_0", ..., "norm"}`` (and
   ``"head"`` untied). No state. Initialise with ``init(key, (B, T), input_dtype=jnp.int32)``.
@@ -339,12 +339,15 @@ class TransformerLM(Composite):
                        "with a cache (each row is one sequence)")
     count = (jnp.full((b,), t, jnp.int32) if lengths is None
              else _checks.integers_in(where, "lengths", lengths, (b,), 0, t))
+    # Under jit the range is unchecked: a row with lengths outside [0, T] writes nothing,
+    # keeps its index and gets NaN outputs.
+    bad = (count < 0) | (count > t)
+    count = jnp.where(bad, 0, count)
     blocks = {name: entry for name, entry in state.items() if name != "index"}
     y, blocks = super().apply(params, blocks, ids, positions=positions,
                               return_hidden=return_hidden, cache_index=index, lengths=count,
                               key=key, train=train, impl=impl)
-    y = _kv_cache.poison(y, (count < 0) | (count > t))
-    return y, {**blocks, "index": index + count}
+    return _kv_cache.poison(y, bad), {**blocks, "index": index + count}
 
   def _check_ids(self, ids):
     ids = _checks.as_array("TransformerLM", "ids", ids)

@@ -170,6 +170,27 @@ def test_a_window_prefill_traces_under_x64_with_strict_promotion():
   assert out[1]["index"].dtype == jnp.int32
 
 
+def test_apply_with_out_of_range_lengths_under_jit_leaves_the_row_and_its_cache_as_they_were():
+  """Lengths are unchecked under ``jax.jit``: a row given ``-1`` or ``T + 1`` gets NaN logits,
+  keeps its index and leaves its cache (a ring of 3 included) as it was, and its next step
+  equals the full forward; the other rows are unaffected."""
+  model, params, forward = _setup("mistral", "float32")
+  seq = np.random.default_rng(2).integers(0, V, (B, 8)).astype(np.int32)
+  step = jax.jit(lambda params, cache, ids, lengths: model.apply(params, cache, ids,
+                                                                 lengths=lengths))
+  _, cache = step(params, model.init_cache(B, CONTEXT), seq[:, :4], jnp.full((B,), 4))
+  y, after = step(params, cache, seq[:, 4:8], jnp.asarray([-1, 4, 5]))
+  y = np.asarray(y)
+  assert np.isnan(y[[0, 2]]).all() and np.isfinite(y[1]).all()
+  assert np.asarray(after["index"]).tolist() == [4, 8, 4]
+  for old, new in zip(jax.tree.leaves(cache), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(new)[[0, 2]], np.asarray(old)[[0, 2]])
+  full = np.asarray(forward(params, seq))
+  assert _rel(y[1], full[1, 4:8]) <= TOLERANCE["float32"]
+  z, _ = step(params, after, seq[:, 4:5], jnp.ones((B,), jnp.int32))
+  assert _rel(np.asarray(z)[[0, 2], 0], full[[0, 2], 4]) <= TOLERANCE["float32"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling and the end of sequence.
 
