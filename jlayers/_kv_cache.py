@@ -1,7 +1,8 @@
 """Where a causal attention layer keeps the keys and values of the tokens it has seen, and
 which of them a new query sees.
 
-A layer's cache is ``{"key", "value"}``, each ``[B, slots, K, H]``; the model keeps one
+A layer's cache is ``{"key", "value"}``, each ``[B, K, slots, H]`` (head-major: a head's
+slots are contiguous, as attention reads them); the model keeps one
 ``index: int[B]`` for all layers, the tokens each row holds so far. A token's *index* in its
 row (0, 1, 2, …) decides its slot:
 
@@ -39,12 +40,12 @@ def is_ring(window: int | None, num_slots: int) -> bool:
 
 
 def _write(buffer, new, slot):
-  """``buffer [B, S, K, H]`` with ``new [B, T, K, H]`` written at ``slot [B, T]``; slots out of
+  """``buffer [B, K, S, H]`` with ``new [B, T, K, H]`` written at ``slot [B, T]``; slots out of
   range (``S``) are dropped."""
   # Per row (a scatter with the batch as a batching dimension): on a mesh each device writes
   # its own rows, with no collective.
   def row(buffer, new, slot):
-    return buffer.at[slot].set(new, mode="drop")
+    return buffer.at[:, slot].set(new.transpose(1, 0, 2), mode="drop")
 
   return jax.vmap(row)(buffer, new.astype(buffer.dtype), slot)
 
@@ -68,7 +69,7 @@ def attend(attention, q, k, v, cache, start, count, *, window: int | None):
     attention: ``attention(q, k, v, **visibility)``, the layer's attention op with its other
       options bound.
     q: float[B, T, N, H], the new tokens' queries; ``k``, ``v``: float[B, T, K, H].
-    cache: ``{"key", "value"}``, float[B, slots, K, H].
+    cache: ``{"key", "value"}``, float[B, K, slots, H].
     start: int[B], the index of each row's first new token (the tokens the cache holds).
     count: int[B], how many of the ``T`` new tokens of each row are real (the rest padding).
     window: the keys a query sees (itself included), or ``None``.
@@ -78,15 +79,17 @@ def attend(attention, q, k, v, cache, start, count, *, window: int | None):
     tokens do not fit a global layer's slots (their output is not valid).
   """
   t = q.shape[1]
-  num_slots = cache["key"].shape[1]
+  num_slots = cache["key"].shape[2]
   ring = is_ring(window, num_slots)
   end = start + count
   overflow = jnp.zeros_like(start, bool) if ring else end > num_slots
   slot = _new_slots(start, count, t, num_slots, ring)
   new = {name: _write(cache[name], a, slot) for name, a in (("key", k), ("value", v))}
+  # The op takes [B, S, K, H] and reads heads major: the two transposes cancel.
+  keys, values = (new[name].transpose(0, 2, 1, 3) for name in ("key", "value"))
   if t == 1:  # decoding: the valid slots are exactly the keys the query sees
     valid = jnp.minimum(end, num_slots)
-    out = attention(q, new["key"], new["value"], key_value_seq_lengths=valid)
+    out = attention(q, keys, values, key_value_seq_lengths=valid)
     return out, new, overflow
   query = start[:, None] + jnp.arange(t, dtype=start.dtype)[None, :]  # [B, T] indices
   if ring:  # the ring before the write, then the new tokens
@@ -94,12 +97,12 @@ def attend(attention, q, k, v, cache, start, count, *, window: int | None):
     held = start[:, None] - 1 - (start[:, None] - 1 - j) % num_slots  # [B, slots]; < 0: empty
     fresh = jnp.where(jnp.arange(t, dtype=start.dtype)[None, :] < count[:, None], query, -1)
     key_index = jnp.concatenate([held, fresh], axis=1)
-    keys, values = (jnp.concatenate([cache[name], a.astype(cache[name].dtype)], axis=1)
+    keys, values = (jnp.concatenate([cache[name].transpose(0, 2, 1, 3),
+                                     a.astype(cache[name].dtype)], axis=1)
                     for name, a in (("key", k), ("value", v)))
   else:
     key_index = jnp.broadcast_to(jnp.arange(num_slots, dtype=start.dtype)[None, :],
                                  (start.shape[0], num_slots))
-    keys, values = new["key"], new["value"]
   qi, kj = query[:, :, None], key_index[:, None, :]
   sees = (kj >= 0) & (kj <= qi)
   if window is not None:

@@ -153,14 +153,21 @@ def _forward(config, q, k, v, extras):
     m_safe = _blocks.safe_max(m_new)
     p = jnp.exp(s - m_safe[..., None])
     correction = jnp.exp(m_old - m_safe)
-    pv = lax.dot_general(p, rows(blk.v, j, bk, 2).astype(f32),
-                         (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
+    vj = rows(blk.v, j, bk, 2).astype(f32)
+    if bq == 1:  # one query row (decoding): the values as the left operand read them in place
+      pv = lax.dot_general(vj, p, (((2,), (4,)), ((0, 1), (0, 1))),
+                           preferred_element_type=f32).transpose(0, 1, 3, 4, 2)
+    else:
+      pv = lax.dot_general(p, vj, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
     l_new = correction * l_old + jnp.sum(p, axis=4)
     acc_new = correction[..., None] * acc_old + pv
     return (put(m, m_new, i, bq, 3), put(l, l_new, i, bq, 3),
             put(acc, acc_new, i, bq, 3)), None
 
-  (m, l, acc), _ = lax.scan(step, init, blk.pairs)
+  if len(blk.pairs[0]) == 1:  # one block (a few rows against a cache): no loop
+    (m, l, acc), _ = step(init, (0, 0))
+  else:
+    (m, l, acc), _ = lax.scan(step, init, blk.pairs)
   seen = l > 0
   out = acc / jnp.where(seen, l, jnp.ones_like(l))[..., None]
   lse = jnp.where(seen, _blocks.safe_max(m) + jnp.log(jnp.where(seen, l, jnp.ones_like(l))),

@@ -364,7 +364,7 @@ class TransformerLM(Composite):
 
     A plain dict of arrays (shard it, donate it, save it): ``"index": int32[B]`` (the tokens
     each row holds, 0) and per block ``{"block_i": {"attention": {"key", "value"}}}``, each
-    ``dtype[B, slots, num_kv_heads, head_features]`` of zeros, where ``slots`` is
+    ``dtype[B, num_kv_heads, slots, head_features]`` of zeros, where ``slots`` is
     ``max_length`` for a global layer and ``min(sliding_window, max_length)`` for a window
     layer (a ring buffer: its memory does not grow with ``max_length``). ``dtype`` defaults to
     the model's ``dtype`` (or ``param_dtype``). :meth:`cache_bytes_per_token` gives its size.

@@ -451,10 +451,10 @@ def test_apply_rejects_a_cache_of_another_model_or_batch():
       (model.init_cache(B + 1, CONTEXT), r"the cache's 'index' must be int\[3\].*another batch"),
       (mistral(layers=3).init_cache(B, CONTEXT), "a cache built for another model"),
       (mistral(num_kv_heads=4).init_cache(B, CONTEXT),
-       (r"the cache's 'key' must have shape \(B, slots, K, H\) = \(3, slots <= 3, 2, 4\).*"
-        r"got \(3, 3, 4, 4\): a cache built for another model or batch")),
+       (r"the cache's 'key' must have shape \(B, K, slots, H\) = \(3, 2, slots <= 3, 4\).*"
+        r"got \(3, 4, 3, 4\): a cache built for another model or batch")),
       (_setup("llama", "float32")[0].init_cache(B, CONTEXT),  # 16 slots for a window of 3
-       r"slots <= 3, 2, 4\).*got \(3, 16, 2, 4\)"),
+       r"slots <= 3, 4\).*got \(3, 2, 16, 4\)"),
   ]
   for cache, message in others:
     with pytest.raises(ValueError, match=message):
@@ -487,7 +487,7 @@ def test_cache_shapes_and_bytes_per_token():
     for i, slots in enumerate((window_slots, max_length, window_slots)):
       for name in ("key", "value"):
         a = cache[f"block_{i}"]["attention"][name]
-        assert a.shape == (B, slots, 1, 8) and a.dtype == jnp.bfloat16, (i, name)
+        assert a.shape == (B, 1, slots, 8) and a.dtype == jnp.bfloat16, (i, name)
   by_hand = 1 * 2 * 1 * 8 * 4  # 1 global layer, key and value, 1 kv head, 8 features, float32
   assert model.cache_bytes_per_token() == by_hand
   assert model.cache_bytes_per_token(dtype=jnp.bfloat16) == by_hand // 2

@@ -248,7 +248,7 @@ class MultiHeadAttention(Layer):
                  dtype=jnp.float32) -> dict:
     """An empty key/value cache for ``batch_size`` rows of up to ``max_length`` tokens of
     ``features`` (the input's width): ``{"key", "value"}``, each
-    ``dtype[batch_size, slots, num_kv_heads, head_features]`` of zeros, with ``slots =
+    ``dtype[batch_size, num_kv_heads, slots, head_features]`` of zeros, with ``slots =
     max_length``, or ``min(W, max_length)`` for a window of ``W`` keys (a ring). Pass it as
     ``apply``'s state."""
     where = "MultiHeadAttention.init_cache"
@@ -261,7 +261,7 @@ class MultiHeadAttention(Layer):
 
   def _cache_shape(self, batch_size, max_length, features):
     head = self._sizes(features)["query"][1] // self.num_heads
-    return (batch_size, _kv_cache.slots(self.cache_window, max_length), self.kv_heads, head)
+    return (batch_size, self.kv_heads, _kv_cache.slots(self.cache_window, max_length), head)
 
   def _names(self) -> tuple[str, ...]:
     return (("query", "key", "value", "out") + (("query_norm", "key_norm") if self.qk_norm
@@ -351,11 +351,11 @@ class MultiHeadAttention(Layer):
     for name in ("key", "value"):
       got = jnp.shape(cache.get(name)) if isinstance(cache, dict) else ()
       window = self.cache_window
-      ok = (len(got) == 4 and got[0] == want[0] and got[2:] == want[2:]
-            and (window is None or got[1] <= window)
+      ok = (len(got) == 4 and got[:2] == want[:2] and got[3] == want[3]
+            and (window is None or got[2] <= window)
             and jnp.issubdtype(jnp.result_type(cache[name]), jnp.floating))
       if not ok:
-        raise ValueError(f"{where}: the cache's {name!r} must have shape (B, slots, K, H) = "
-                         f"({want[0]}, slots{'' if window is None else f' <= {window}'}, "
-                         f"{want[2]}, {want[3]}) and a float dtype, got {got}: a cache built for "
+        raise ValueError(f"{where}: the cache's {name!r} must have shape (B, K, slots, H) = "
+                         f"({want[0]}, {want[1]}, slots{'' if window is None else f' <= {window}'}"
+                         f", {want[3]}) and a float dtype, got {got}: a cache built for "
                          "another model or batch")
