@@ -50,6 +50,14 @@ def _write(buffer, new, slot):
   return jax.vmap(row)(buffer, new.astype(buffer.dtype), slot)
 
 
+def _write_one(buffer, new, slot):
+  """``buffer [B, K, S, H]`` with ``new [B, 1, K, H]`` written at ``slot [B]`` (in range)."""
+  def row(buffer, new, slot):
+    return jax.lax.dynamic_update_slice_in_dim(buffer, new.transpose(1, 0, 2), slot, axis=1)
+
+  return jax.vmap(row)(buffer, new.astype(buffer.dtype), slot)
+
+
 def _new_slots(start, count, t: int, num_slots: int, ring: bool):
   """The slot of each new token ``[B, T]``, ``num_slots`` (dropped) for padding tokens and, in
   a ring, for the tokens that a later new token of the same row replaces."""
@@ -83,8 +91,15 @@ def attend(attention, q, k, v, cache, start, count, *, window: int | None):
   ring = is_ring(window, num_slots)
   end = start + count
   overflow = jnp.zeros_like(start, bool) if ring else end > num_slots
-  slot = _new_slots(start, count, t, num_slots, ring)
-  new = {name: _write(cache[name], a, slot) for name, a in (("key", k), ("value", v))}
+  if t == 1:
+    # One token per row, always written: a padding token (count 0) lands in the slot its row's
+    # next token takes, which no query sees before that (the oldest of a full ring is out of
+    # the next query's window), and an overflowing row's outputs are NaN from then on.
+    slot = start % num_slots if ring else jnp.minimum(start, num_slots - 1)
+    new = {name: _write_one(cache[name], a, slot) for name, a in (("key", k), ("value", v))}
+  else:
+    slot = _new_slots(start, count, t, num_slots, ring)
+    new = {name: _write(cache[name], a, slot) for name, a in (("key", k), ("value", v))}
   # The op takes [B, S, K, H] and reads heads major: the two transposes cancel.
   keys, values = (new[name].transpose(0, 2, 1, 3) for name in ("key", "value"))
   if t == 1:  # decoding: the valid slots are exactly the keys the query sees

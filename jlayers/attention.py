@@ -143,24 +143,29 @@ def _forward(config, q, k, v, extras):
           (row + _blocks.head_major_sinks(extras.sinks, k, f32), row + 1))
   init = (m, l, jnp.zeros_like(blk.q, f32))
 
+  only = len(blk.pairs[0]) == 1 and extras.sinks is None  # one block, nothing before it
+
   def step(carry, ij):
     m, l, acc = carry
     i, j = ij
     qi = rows(blk.q, i, bq, 3)
     s, _ = _scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
     m_old, l_old, acc_old = rows(m, i, bq, 3), rows(l, i, bq, 3), rows(acc, i, bq, 3)
-    m_new = jnp.maximum(m_old, jnp.max(s, axis=4))
+    m_new = jnp.max(s, axis=4) if only else jnp.maximum(m_old, jnp.max(s, axis=4))
     m_safe = _blocks.safe_max(m_new)
     p = jnp.exp(s - m_safe[..., None])
-    correction = jnp.exp(m_old - m_safe)
     vj = rows(blk.v, j, bk, 2).astype(f32)
     if bq == 1:  # one query row (decoding): the values as the left operand read them in place
       pv = lax.dot_general(vj, p, (((2,), (4,)), ((0, 1), (0, 1))),
                            preferred_element_type=f32).transpose(0, 1, 3, 4, 2)
     else:
       pv = lax.dot_general(p, vj, (((4,), (2,)), ((0, 1), (0, 1))), preferred_element_type=f32)
-    l_new = correction * l_old + jnp.sum(p, axis=4)
-    acc_new = correction[..., None] * acc_old + pv
+    if only:  # the running sums start empty: nothing to rescale
+      l_new, acc_new = jnp.sum(p, axis=4), pv
+    else:
+      correction = jnp.exp(m_old - m_safe)
+      l_new = correction * l_old + jnp.sum(p, axis=4)
+      acc_new = correction[..., None] * acc_old + pv
     return (put(m, m_new, i, bq, 3), put(l, l_new, i, bq, 3),
             put(acc, acc_new, i, bq, 3)), None
 
