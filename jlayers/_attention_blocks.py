@@ -182,6 +182,22 @@ def visible(config: Config, blk: Blocks, i, j):
   return valid
 
 
+def scores(config, blk, qi, kj, i, j):
+  """The scores ``S`` of one block, [B, K, G, bq, bk] in at least float32, hidden entries at
+  ``-inf``, and ``tanh(z / c)`` when soft-capped (the backward's chain factor), else None."""
+  f32 = _checks.at_least_float32(qi.dtype)
+  s = lax.dot_general(qi, kj, (((4,), (3,)), ((0, 1), (0, 1))),
+                      preferred_element_type=f32) * config.scale
+  if blk.bias is not None:
+    s = s + rows(rows(blk.bias, i, config.block_q, 3), j, config.block_k, 4).astype(f32)
+  tanh = None
+  if config.soft_cap is not None:
+    tanh = jnp.tanh(s / config.soft_cap)
+    s = config.soft_cap * tanh
+  valid = visible(config, blk, i, j)
+  return (s if valid is None else jnp.where(valid, s, -jnp.inf)), tanh
+
+
 def dense_visibility(config: Config, ex: Extras, q, s_len: int, heads: int) -> list:
   """The twin's visibility conditions, each a whole ``T × S`` (or per-example) bool array
   broadcastable to ``[B, K, G, T, S]``: an entry is visible where all of them hold."""

@@ -18,7 +18,7 @@ from jax import lax
 from jlayers import _attention_blocks as _blocks
 from jlayers import _checks, _ops
 from jlayers._attention_args import validate
-from jlayers._attention_blocks import blocks, pad, put, reduce_to, rows, visible
+from jlayers._attention_blocks import blocks, pad, put, reduce_to, rows
 
 
 def dot_product_attention(
@@ -114,22 +114,6 @@ def dot_product_attention(
   return (out, lse) if residual else out
 
 
-def _scores(config, blk, qi, kj, i, j):
-  """The scores ``S`` of one block, [B, K, G, bq, bk] in at least float32, hidden entries at
-  ``-inf``, and ``tanh(z / c)`` when soft-capped (the backward's chain factor), else None."""
-  f32 = _checks.at_least_float32(qi.dtype)
-  s = lax.dot_general(qi, kj, (((4,), (3,)), ((0, 1), (0, 1))),
-                      preferred_element_type=f32) * config.scale
-  if blk.bias is not None:
-    s = s + rows(rows(blk.bias, i, config.block_q, 3), j, config.block_k, 4).astype(f32)
-  tanh = None
-  if config.soft_cap is not None:
-    tanh = jnp.tanh(s / config.soft_cap)
-    s = config.soft_cap * tanh
-  valid = visible(config, blk, i, j)
-  return (s if valid is None else jnp.where(valid, s, -jnp.inf)), tanh
-
-
 def _forward(config, q, k, v, extras):
   """``(output [B, T, N, H], log-sum-exp [B, K, G, T])``, both in at least float32; a row that
   sees nothing (and has no sink) has the log-sum-exp ``+inf``, so that ``exp(S − L)`` is 0."""
@@ -149,7 +133,7 @@ def _forward(config, q, k, v, extras):
     m, l, acc = carry
     i, j = ij
     qi = rows(blk.q, i, bq, 3)
-    s, _ = _scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
+    s, _ = _blocks.scores(config, blk, qi, rows(blk.k, j, bk, 2), i, j)
     m_old, l_old, acc_old = rows(m, i, bq, 3), rows(l, i, bq, 3), rows(acc, i, bq, 3)
     m_new = jnp.max(s, axis=4) if only else jnp.maximum(m_old, jnp.max(s, axis=4))
     m_safe = _blocks.safe_max(m_new)
@@ -272,7 +256,7 @@ def _attention_bwd(config, res, cts):
     i, j = ij
     qi, kj, vj = rows(blk.q, i, bq, 3), rows(blk.k, j, bk, 2), rows(blk.v, j, bk, 2)
     doi = rows(do, i, bq, 3)
-    s, tanh = _scores(config, blk, qi, kj, i, j)
+    s, tanh = _blocks.scores(config, blk, qi, kj, i, j)
     p = jnp.exp(s - rows(lse_p, i, bq, 3)[..., None])
     dv_j = lax.dot_general(p, doi.astype(f32), (((2, 3), (2, 3)), ((0, 1), (0, 1))),
                            preferred_element_type=f32)
