@@ -370,3 +370,19 @@ def precision(op: str, value):
                       f"{_PRECISION_NAMES} or a pair of those, got {value!r}")
     return (one(value[0]), one(value[1]))
   return one(value)
+
+
+def out_sharding(op: str, value, ndim: int):
+  """``None``, a :class:`jax.sharding.PartitionSpec` of at most ``ndim`` entries, or a
+  ``NamedSharding`` (its spec is used, on the current mesh): the layout asked of an op's
+  output, as a ``PartitionSpec`` (hashable, for ``nondiff_argnums``)."""
+  if value is None:
+    return None
+  spec = getattr(value, "spec", value)
+  if not isinstance(spec, jax.sharding.PartitionSpec):
+    raise TypeError(f"{op}: out_sharding must be None, a jax.sharding.PartitionSpec or a "
+                    f"NamedSharding, got {type(value).__name__}")
+  if len(spec) > ndim:
+    raise ValueError(f"{op}: out_sharding must have at most {ndim} entries (the output's "
+                     f"rank), got {spec}")
+  return spec

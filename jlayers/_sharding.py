@@ -68,6 +68,31 @@ def reshard_like(w, x, axes=None):
   return jax.sharding.reshard(w, target)
 
 
+def reshard_as(a, b):
+  """``a`` laid out as ``b`` (same shape) where the types carry shardings; else ``a``."""
+  if not explicit(a) or jax.typeof(a).sharding.spec == jax.typeof(b).sharding.spec:
+    return a
+  return jax.sharding.reshard(a, jax.typeof(b).sharding.spec)
+
+
+def entries(sharding) -> tuple:
+  """The entries of a ``PartitionSpec`` or of a ``NamedSharding``'s spec."""
+  return tuple(getattr(sharding, "spec", sharding))
+
+
+def product_layout(x, w):
+  """The layout of ``x @ w`` (``x [..., in]``, ``w [in, out]``) that a layer means, where the
+  types carry shardings: ``x``'s leading axes as ``x`` has them and ``out`` as ``w`` has it,
+  unless a leading axis already uses that mesh axis (then ``out`` is unsplit). A contraction
+  over an ``in`` split alike on both sides is summed across its mesh axis (row-parallel)."""
+  lead = _full_spec(x)[:-1]
+  out = _full_spec(w)[1]
+  used = {n for e in lead for n in _names(e)}
+  if any(n in used for n in _names(out)):
+    out = None
+  return P(*lead, out)
+
+
 def replicated_like(x):
   """A replicated sharding on ``x``'s mesh where the types carry shardings; else ``None``."""
   return NamedSharding(jax.typeof(x).sharding.mesh, P()) if explicit(x) else None

@@ -19,9 +19,10 @@ class _Config(NamedTuple):
 
   precision: Any
   bias: Any  # the bias dtype, None without a bias
+  out_sharding: Any = None  # a PartitionSpec or NamedSharding for y, None: the default layout
 
 
-def _validate(x, w, b, precision):
+def _validate(x, w, b, precision, out_sharding=None):
   x = _checks.floating(_OP, "x", x)
   w = _checks.floating(_OP, "w", w)
   _checks.min_rank(_OP, "x", x, 1, "(..., in)")
@@ -33,11 +34,13 @@ def _validate(x, w, b, precision):
   if b is not None:
     b = _checks.floating(_OP, "b", b)
     _checks.shape(_OP, "b", b, (w.shape[1],), "(out,)")
-  return x, w, b, _Config(_checks.precision(_OP, precision), None if b is None else b.dtype)
+  out_sharding = _checks.out_sharding(_OP, out_sharding, x.ndim)
+  return x, w, b, _Config(_checks.precision(_OP, precision), None if b is None else b.dtype,
+                          out_sharding)
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
-           precision=None) -> jax.Array:
+           precision=None, out_sharding=None) -> jax.Array:
   r"""Affine map over the last axis, with a manual VJP.
 
   .. math::
@@ -55,6 +58,11 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
     precision: ``None``, a :class:`jax.lax.Precision` (or its name) or a pair of them, for
       every matrix product of the forward and backward passes (on GPU, ``None`` lets float32
       products run in TF32; ``"highest"`` keeps them in float32).
+    out_sharding: where a mesh is set, the layout of ``y``: a
+      :class:`~jax.sharding.PartitionSpec` (or ``NamedSharding``), as ``jnp.matmul`` takes
+      it. Default: ``x``'s leading axes as ``x`` has them and the output features as ``w``
+      has them (column-parallel: split over the axis ``w``'s columns are; row-parallel, ``x``'s
+      and ``w``'s ``in`` split alike: summed across it and unsplit). Static.
 
   Returns:
     float[..., out] in the dtype of ``x``.
@@ -66,16 +74,24 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
     >>> jlayers.linear(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4))).dtype
     dtype(bfloat16)
   """
-  x, w, b, config = _validate(x, w, b, precision)
+  x, w, b, config = _validate(x, w, b, precision, out_sharding)
   return _linear(config, x, w, b)
 
 
 def _forward(config, x, w, b):
   acc = _checks.at_least_float32(x.dtype)
+  out = config.out_sharding
+  explicit = _sharding.explicit(x)
+  if explicit and out is None:
+    out = _sharding.product_layout(x, w)
   y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                      precision=config.precision, preferred_element_type=acc)
+                      precision=config.precision, preferred_element_type=acc,
+                      out_sharding=out if explicit else None)
+  if not explicit and out is not None:
+    y = _sharding.constrain(y, _sharding.entries(out))
   if b is not None:
-    y = y + b.astype(acc).reshape((1,) * (y.ndim - 1) + b.shape)
+    b = _sharding.reshard_like(b.astype(acc), y, axes=(y.ndim - 1,))
+    y = y + b.reshape((1,) * (y.ndim - 1) + b.shape)
   return y.astype(x.dtype)
 
 
@@ -85,8 +101,9 @@ def _linear(config, x, w, b):
 
 
 def _linear_fwd(config, x, w, b):
-  """Saves ``x`` and ``w``: dW needs x and dX needs w, and both are inputs (no extra memory)."""
-  return _forward(config, x, w, b), (x, w)
+  """Saves ``x``, ``w`` and ``b``: dW needs x, dX needs w and db is laid out as b; all are
+  inputs (no extra memory)."""
+  return _forward(config, x, w, b), (x, w, b)
 
 
 def _linear_bwd(config, res, g):
@@ -104,20 +121,25 @@ def _linear_bwd(config, res, g):
 
   dW and db contract every batch dimension. On a mesh whose devices each hold a slice of the
   batch, each device contracts its own slice and the ``[in, out]`` partial sums are added
-  across devices: no batch-sized array moves. The sum is laid out as ``w`` (``out_sharding``
-  where the types carry shardings). Products run in ``x``'s dtype and accumulate in at least
+  across devices: no batch-sized array moves. Each gradient is laid out as its input
+  (``out_sharding`` where the types carry shardings): dW as ``w`` (split as FSDP or tensor
+  parallelism split it: the sum arrives reduce-scattered), dX as ``x`` (column-parallel:
+  ``G W^T`` contracts the split output features, summed across their axis). Products run in ``x``'s dtype and accumulate in at least
   float32; each cotangent is cast to its input's dtype (the cast of ``w`` to ``x``'s dtype in
   the forward transposes to this cast back).
   """
-  x, w = res
+  x, w, _ = res
   acc = _checks.at_least_float32(x.dtype)
   g = g.astype(x.dtype)
   lead = tuple(range(x.ndim - 1))
   dx = lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())),
-                       precision=config.precision, preferred_element_type=acc)
+                       precision=config.precision, preferred_element_type=acc,
+                       out_sharding=_sharding.like(x))
   dw = lax.dot_general(x, g, ((lead, lead), ((), ())), precision=config.precision,
                        preferred_element_type=acc, out_sharding=_sharding.like(w))
-  db = None if config.bias is None else jnp.sum(g.astype(acc), axis=lead).astype(config.bias)
+  db = None
+  if config.bias is not None:
+    db = _sharding.reshard_as(jnp.sum(g.astype(acc), axis=lead), res[2]).astype(config.bias)
   return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 
@@ -125,9 +147,9 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def linear_reference(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
-                     precision=None) -> jax.Array:
+                     precision=None, out_sharding=None) -> jax.Array:
   """Autodiff twin of :func:`linear`: same signature, checks and forward, no custom rule."""
-  x, w, b, config = _validate(x, w, b, precision)
+  x, w, b, config = _validate(x, w, b, precision, out_sharding)
   return _forward(config, x, w, b)
 
 

@@ -102,6 +102,40 @@ class Case:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+  """A case with its parameters sharded as FSDP or tensor parallelism shards them, on the mesh
+  tests' 2-D mesh of :data:`LAYOUT_MESH` (``data`` × ``model``, 2 × 4).
+
+  Attributes:
+    name: the layout: ``"fsdp"`` (weights split over ``data``), ``"column"``, ``"row"``
+      (Megatron's parallel projections), ``"heads"``, ``"vocab"``; with the case's id it
+      names the test.
+    case: the :class:`Case`; its batch (``MESH_BATCH``) is split over ``data``.
+    specs: per argument of ``case.make``, its ``PartitionSpec`` entries (a tuple of mesh axis
+      names or ``None`` per axis).
+    gathered: positions of the arguments the layout all-gathers whole (FSDP gathers each
+      weight before it is used); an all-gather of any other argument's whole shape is a
+      collective the layout does not need.
+    out: the ``PartitionSpec`` entries of the output that the next layer would read (the loss
+      weights the tests multiply it by are laid out so); ``None``: replicated.
+  """
+
+  name: str
+  case: Case
+  specs: tuple[tuple, ...]
+  gathered: tuple[int, ...] = ()
+  out: tuple | None = None
+
+  @property
+  def id(self) -> str:
+    return f"{self.case.id}-{self.name}"
+
+
+LAYOUT_MESH = {"data": 2, "model": 4}
+"""The mesh of :class:`Layout` cases: ``data`` × ``model`` on 8 devices."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Grid:
   """An op and its grid of cases.
 
@@ -116,6 +150,8 @@ class Grid:
       :func:`jlayers.formulation`); the tests run both.
     half_precision: the bound on the relative error of bfloat16 and float16 outputs and
       gradients against float64, in units of the format's epsilon (``jnp.finfo(dtype).eps``).
+    layouts: cases whose parameters are sharded (:class:`Layout`), run on a 2-D mesh by the
+      mesh tests.
   """
 
   op: Op
@@ -125,6 +161,7 @@ class Grid:
   mesh: tuple[Case, ...] = ()
   platform_dependent: bool = False
   half_precision: float = 2.0
+  layouts: tuple[Layout, ...] = ()
 
   @property
   def name(self) -> str:

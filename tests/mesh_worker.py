@@ -7,6 +7,8 @@ all; importing this module runs nothing.
   ``jit`` with the batch split over an 8-device mesh, for explicit and auto axes (and both
   formulations of the platform-dependent rules): compiles or not, the relative error against
   the same function on one device, and the collectives of the compiled program.
+* ``layouts``: every op's cases with sharded parameters (FSDP, column- and row-parallel,
+  heads, vocabulary) on a 2 × 4 ``data`` × ``model`` mesh, against one device.
 * ``loss_layouts``: every loss with its labels and ``where`` split as the logits, replicated
   or closed over as constants, explicit and auto axes, against one device.
 * ``train_step``: one training step of the digits CNN on 8 devices against 1 device.
@@ -109,6 +111,93 @@ def op_rows() -> list[dict]:
             except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
               row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:500])
             rows.append(row)
+  return rows
+
+
+def _whole_gathers(hlo: str, shapes) -> list[str]:
+  """The all-gathers of the compiled program whose result has one of ``shapes`` (whole
+  arguments) or a dimension of the global batch."""
+  from jlayers.testing import MESH_BATCH  # noqa: PLC0415
+
+  found = []
+  for result, kind in COLLECTIVE.findall(hlo):
+    if kind != "all-gather":
+      continue
+    for dims in re.findall(r"\[([\d,]*)\]", result):
+      dims = tuple(int(d) for d in dims.split(",") if d)
+      if dims in shapes or MESH_BATCH in dims:
+        found.append(f"{kind} {result}")
+  return found
+
+
+def layout_rows() -> list[dict]:
+  """Every registry op's :class:`jlayers.testing.Layout` cases (parameters sharded as FSDP
+  or tensor parallelism shard them) on a ``data`` × ``model`` mesh, manual rule and twin,
+  value and gradient under ``jit``, explicit and auto axes: compiles or not, the relative
+  error against one device, whether each gradient comes back laid out as its argument, and
+  the all-gathers the layout does not need (of a whole argument it does not gather, or with
+  a dimension of the global batch)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
+  from jax.sharding import PartitionSpec as P  # noqa: PLC0415
+
+  from jlayers import _sharding, testing  # noqa: PLC0415
+  from jlayers.grids import GRIDS  # noqa: PLC0415
+
+  names, sizes = tuple(testing.LAYOUT_MESH), tuple(testing.LAYOUT_MESH.values())
+  rows = []
+  for grid in GRIDS.values():
+    for layout in grid.layouts:
+      case = layout.case
+      args = case.make(np.random.default_rng(0), jnp.float32)
+      out_shape = jax.eval_shape(testing.restrict(grid.reference, case, args),
+                                 *(args[i] for i in case.diff))
+      weights = testing.random_like(np.random.default_rng(1), out_shape)
+
+      def loss(primals, args, weights, fn):
+        full = list(args)
+        for i, a in zip(case.diff, primals):
+          full[i] = a
+        out = case.call(fn, tuple(full))
+        return sum(jnp.sum(o * _sharding.reshard_as(w, o))
+                   for o, w in zip(jax.tree_util.tree_leaves(out),
+                                   jax.tree_util.tree_leaves(weights)))
+
+      grad = jax.value_and_grad(loss)
+      for impl, fn in (("manual", grid.manual), ("twin", grid.reference)):
+        want = jax.jit(grad, static_argnums=3)(tuple(args[i] for i in case.diff), args,
+                                               weights, fn)
+        for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
+          row = {"op": grid.name, "layout": layout.id, "impl": impl, "mode": mode}
+          mesh = jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names))
+          try:
+            with jax.set_mesh(mesh):
+              s_args = tuple(jax.device_put(a, NamedSharding(mesh, P(*spec)))
+                             for a, spec in zip(args, layout.specs))
+              s_weights = jax.tree_util.tree_map(
+                  lambda w: jax.device_put(w, NamedSharding(mesh, P(*(layout.out or ())))),
+                  weights)
+              primals = tuple(s_args[i] for i in case.diff)
+              # Auto axes: the types carry no layout, so the gradients' is asked of jit (as a
+              # training step asks it of its updated params).
+              outs = (None if mode == "explicit" else
+                      (NamedSharding(mesh, P()), tuple(p.sharding for p in primals)))
+              compiled = jax.jit(grad, static_argnums=3, out_shardings=outs).lower(
+                  primals, s_args, s_weights, fn).compile()
+              got = compiled(primals, s_args, s_weights)
+            laid_out = all(g.sharding.is_equivalent_to(p.sharding, g.ndim)
+                           for g, p in zip(got[1], primals))
+            hlo = compiled.as_text()
+            whole = tuple(tuple(a.shape) for i, a in enumerate(args)
+                          if i not in layout.gathered and a.ndim >= 2)
+            row.update(compiles=True, rel_err=rel_err(got, want), laid_out=laid_out,
+                       unexpected=_whole_gathers(hlo, whole),
+                       **collectives(hlo, testing.MESH_BATCH))
+          except Exception as e:  # noqa: BLE001  (reported, and the test fails on it)
+            row.update(compiles=False, error=f"{type(e).__name__}: {e}"[:500])
+          rows.append(row)
   return rows
 
 
@@ -371,7 +460,8 @@ def run() -> dict:
   if jax.device_count() < DEVICES:
     return {"error": f"needs {DEVICES} devices, got {jax.device_count()}"}
   report = {}
-  for name, fn in (("ops", op_rows), ("loss_layouts", loss_layouts), ("train_step", train_step),
+  for name, fn in (("ops", op_rows), ("layouts", layout_rows), ("loss_layouts", loss_layouts),
+                   ("train_step", train_step),
                    ("charlm_step", charlm_step), ("generation", generation),
                    ("sync_batch_norm", sync_batch_norm)):
     try:

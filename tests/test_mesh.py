@@ -58,6 +58,31 @@ def test_rule_on_a_batch_split_over_eight_devices(report, op, case, form, impl, 
     assert row["batch_sized"] == 0, row["shapes"]
 
 
+LAYOUT_ROWS = [pytest.param(grid.name, layout.id, impl, mode,
+                             id=f"{grid.name}-{layout.id}-{impl}-{mode}")
+               for grid in GRIDS.values() for layout in grid.layouts
+               for impl in ("manual", "twin") for mode in ("explicit", "auto")]
+
+
+@pytest.mark.parametrize("op, layout, impl, mode", LAYOUT_ROWS)
+def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout, impl, mode):
+  """Parameters sharded as FSDP (over ``data``) or tensor parallelism (over ``model``) shard
+  them, the batch split over ``data``, on a 2 × 4 mesh: value and gradient under jit compile
+  for the rule and its twin, with explicit and auto axes, equal one device, and each gradient
+  comes back laid out as its argument. The manual rule gathers nothing the layout does not
+  need: no whole argument but those the layout gathers (FSDP's weights), nothing with the
+  global batch."""
+  rows = [r for r in _section(report, "layouts")
+          if (r["op"], r["layout"], r["impl"], r["mode"]) == (op, layout, impl, mode)]
+  assert len(rows) == 1
+  row = rows[0]
+  assert row["compiles"], row.get("error")
+  assert row["rel_err"] <= REL_TOL, row
+  assert row["laid_out"], row
+  if impl == "manual":
+    assert not row["unexpected"], row["shapes"]
+
+
 LOSS_ROWS = [pytest.param(loss, impl, mode, layout, id=f"{loss}-{impl}-{mode}-{layout}")
              for loss in ("softmax_cross_entropy_with_integer_labels", "softmax_cross_entropy",
                           "linear_cross_entropy", "linear_cross_entropy-mean")

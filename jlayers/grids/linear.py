@@ -1,9 +1,12 @@
 """Grid for ``linear``: leading-dimension counts, sizes, with and without bias."""
 
+import dataclasses
 import itertools
 
+from jax.sharding import PartitionSpec as P
+
 from jlayers.linear import linear_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _case(lead, n_in, n_out, bias):
@@ -29,5 +32,16 @@ GRIDS = [
                                                       normal(rng, (1024,), dtype)),
                     diff=(0, 1, 2)),),
         mesh=(_case((MESH_BATCH,), 5, 3, True), _case((MESH_BATCH, 2), 5, 3, False)),
+        layouts=(
+            Layout("fsdp", _case((MESH_BATCH, 2), 8, 12, True),
+                   (("data",), ("data", None), ("data",)), gathered=(1, 2), out=("data",)),
+            Layout("column", _case((MESH_BATCH,), 8, 12, True),
+                   (("data",), (None, "model"), ("model",)), out=("data", "model")),
+            Layout("row", _case((MESH_BATCH, 2), 8, 12, False),
+                   (("data", None, "model"), ("model", None)), out=("data",)),
+            Layout("row-scatter", dataclasses.replace(
+                _case((MESH_BATCH,), 8, 12, True), kwargs={"out_sharding": P("data", "model")}),
+                   (("data", "model"), ("model", None), (None,)), out=("data", "model")),
+        ),
     ),
 ]
