@@ -58,7 +58,7 @@ def weight_grad(x, g, kernel, pads, chunk, config):
   reads the chunk at ``min(i · chunk, local − chunk)`` instead (a slice inside the loop, no
   padded copy of x or G) and zeroes the cotangent of the images an earlier step has counted.
   """
-  stride, _, dilation, groups, layout, _, precision = config
+  stride, _, dilation, groups, layout, _, precision, _ = config
   nchw = layout == "NCHW"
   c, o = x.shape[1 if nchw else 3], g.shape[1 if nchw else 3]
   out = g.shape[2:] if nchw else g.shape[1:3]

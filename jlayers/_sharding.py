@@ -34,6 +34,30 @@ def _full_spec(x) -> tuple:
   return spec + (None,) * (x.ndim - len(spec))
 
 
+def entry(x, axis: int):
+  """The partition-spec entry of ``x``'s ``axis`` (``None``: unsplit), where the types carry
+  shardings; else ``None``."""
+  return _full_spec(x)[axis] if explicit(x) else None
+
+
+def axis_names(entry) -> tuple[str, ...]:
+  """The mesh axis names of one partition-spec entry."""
+  return _names(entry)
+
+
+def reshard_apart(w, x):
+  """``w`` (a weight) with the mesh axes that split ``x``'s batch (axis 0) removed from its
+  layout, where the types carry shardings: FSDP splits weights over the batch's axis, and a
+  product of the two needs the weight whole (an all-gather of the weight, not of the batch).
+  Elsewhere ``w`` as it is."""
+  if not explicit(w):
+    return w
+  batch = set(_names(_full_spec(x)[0])) if x.ndim else set()
+  spec = _full_spec(w)
+  kept = tuple(None if set(_names(e)) & batch else e for e in spec)
+  return w if kept == spec else jax.sharding.reshard(w, P(*kept))
+
+
 def like(x):
   """``x``'s sharding, to pass as ``out_sharding=`` for a result laid out as ``x`` (a weight
   gradient laid out as the weight), or ``None`` where types carry no sharding."""
@@ -75,6 +99,14 @@ def reshard_as(a, b):
   return jax.sharding.reshard(a, jax.typeof(b).sharding.spec)
 
 
+def reshard_to(a, sharding):
+  """``a`` laid out by ``sharding`` (a ``NamedSharding`` read at trace time); ``a`` as it is
+  for ``None`` or where the types carry no sharding."""
+  if sharding is None or not explicit(a) or jax.typeof(a).sharding.spec == sharding.spec:
+    return a
+  return jax.sharding.reshard(a, sharding.spec)
+
+
 def entries(sharding) -> tuple:
   """The entries of a ``PartitionSpec`` or of a ``NamedSharding``'s spec."""
   return tuple(getattr(sharding, "spec", sharding))
@@ -104,9 +136,12 @@ def lookup(ids, table_sharding):
   ambiguous); else ``None``."""
   if not explicit(ids):
     return None
-  features = None if table_sharding is None else tuple(table_sharding.spec)[1:2]
-  return NamedSharding(jax.typeof(ids).sharding.mesh,
-                       P(*_full_spec(ids), *(features or (None,))))
+  lead = _full_spec(ids)
+  features = None if table_sharding is None else (tuple(table_sharding.spec)[1:2] or (None,))[0]
+  used = {n for e in lead for n in _names(e)}
+  if any(n in used for n in _names(features)):  # FSDP: features split over the batch's axis
+    features = None
+  return NamedSharding(jax.typeof(ids).sharding.mesh, P(*lead, features))
 
 
 def merged_spec(x, merges: tuple[int, ...]):

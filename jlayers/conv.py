@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jlayers import _checks, _conv_cpu, _ops, _platform, _sharding
 
@@ -30,6 +31,7 @@ class _Config(NamedTuple):
   layout: str
   bias: Any  # the bias dtype, None without a bias
   precision: Any = None
+  bias_layout: Any = None  # b's sharding where the types carry one (db is laid out so)
 
 
 def _validate(x, w, b, stride, padding, dilation, groups, layout, precision):
@@ -64,7 +66,8 @@ def _validate(x, w, b, stride, padding, dilation, groups, layout, precision):
                      f"{tuple(n + lo + hi for n, (lo, hi) in zip(size, pads))}")
   return x, w, b, _Config(stride, pads, dilation, groups, layout,
                           None if b is None else b.dtype,
-                          _checks.precision(_OP, precision))
+                          _checks.precision(_OP, precision),
+                          None if b is None else _sharding.like(b))
 
 
 def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1, padding="SAME",
@@ -110,15 +113,30 @@ def conv2d(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *, stride=1, 
   return _conv2d(config, x, w, b)
 
 
+def _out_layout(layout, x, w):
+  """Where the types carry shardings, the output's: the batch as ``x``'s, the output channels
+  as ``w``'s (unless the batch uses that mesh axis, as FSDP's kernels do), space unsplit."""
+  if not _sharding.explicit(x):
+    return None
+  batch = _sharding.entry(x, 0)
+  channels = _sharding.entry(w, 3 if layout == "NHWC" else 0)
+  if set(_sharding.axis_names(channels)) & set(_sharding.axis_names(batch)):
+    channels = None
+  return P(batch, None, None, channels) if layout == "NHWC" else P(batch, channels, None, None)
+
+
 def _forward(config: _Config, x, w, b):
   acc = _checks.at_least_float32(x.dtype)
   y = lax.conv_general_dilated(x, w.astype(x.dtype), config.stride, config.padding,
                                rhs_dilation=config.dilation,
                                dimension_numbers=_DNUMS[config.layout],
                                feature_group_count=config.groups, precision=config.precision,
-                               preferred_element_type=acc)
+                               preferred_element_type=acc,
+                               out_sharding=_out_layout(config.layout, x, w))
   if b is not None:
-    y = y + b.astype(acc).reshape((1, 1, 1, -1) if config.layout == "NHWC" else (1, -1, 1, 1))
+    channel = 3 if config.layout == "NHWC" else 1
+    b = _sharding.reshard_like(b.astype(acc), y, axes=(channel,))
+    y = y + b.reshape((1, 1, 1, -1) if config.layout == "NHWC" else (1, -1, 1, 1))
   return y.astype(x.dtype)
 
 
@@ -218,7 +236,7 @@ def _conv2d_bwd(config, res, g):
   the native convolution is told to lay its result out as ``w`` and does the same.
     """
   x, w = res
-  stride, pads, dilation, groups, layout, bias_dtype, precision = config
+  stride, pads, dilation, groups, layout, bias_dtype, precision, bias_layout = config
   acc = _checks.at_least_float32(x.dtype)
   g = g.astype(x.dtype)
   xs, ws = _X_SPATIAL[layout], _W_SPATIAL[layout]
@@ -233,21 +251,28 @@ def _conv2d_bwd(config, res, g):
                          dimension_numbers=_DNUMS[layout], feature_group_count=groups,
                          precision=precision, preferred_element_type=acc)
   w_dx = _swap_groups(w.astype(x.dtype), groups, layout)
-  dx = dx(g, w_dx) if groups == 1 else _sharding.batch_local(dx, (g,), (w_dx,))
+  if groups == 1:  # laid out as x (contracting output channels split as w's: summed)
+    dx = dx(g, w_dx, out_sharding=_sharding.like(x))
+  else:
+    dx = _sharding.batch_local(dx, (g,), (w_dx,))
   dw_pads = [(lo, k + od - 1 - n - lo) for (lo, _), n, k, od in zip(pads, size, k_eff, out_dil)]
   native = functools.partial(_dw_native, pads=dw_pads, config=config,
                              out_sharding=_sharding.like(w))
   chunk = _conv_cpu.loop_chunk(x, g, kernel, layout)
   if chunk:
-    cpu = functools.partial(_conv_cpu.weight_grad, kernel=kernel, pads=dw_pads, chunk=chunk,
-                            config=config)
+    loop = functools.partial(_conv_cpu.weight_grad, kernel=kernel, pads=dw_pads, chunk=chunk,
+                             config=config)
+
+    def cpu(x, g):  # laid out as w, as the native branch's result is
+      return _sharding.reshard_as(loop(x, g), w)
+
     dw = _platform.by_platform(x, g, cpu=cpu, native=native)
   else:
     dw = native(x, g)
   db = None
   if bias_dtype is not None:
     db = jnp.sum(g.astype(acc), axis=(0, 1, 2) if layout == "NHWC" else (0, 2, 3))
-    db = db.astype(bias_dtype)
+    db = _sharding.reshard_to(db, bias_layout).astype(bias_dtype)
   return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 

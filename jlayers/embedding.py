@@ -84,6 +84,9 @@ def _rows(ids, num: int):
 
 
 def _forward(config, ids, table):
+  # A table split over the ids' batch axis (FSDP) is gathered whole first, as FSDP gathers a
+  # weight before its use: looked up split, the rows would gather the batch instead.
+  table = _sharding.reshard_apart(table, ids)
   return table.at[_rows(ids, config.num)].get(
       mode="fill", fill_value=jnp.nan, wrap_negative_indices=False,
       out_sharding=_sharding.lookup(ids, config.sharding))

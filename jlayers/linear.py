@@ -19,7 +19,8 @@ class _Config(NamedTuple):
 
   precision: Any
   bias: Any  # the bias dtype, None without a bias
-  out_sharding: Any = None  # a PartitionSpec or NamedSharding for y, None: the default layout
+  out_sharding: Any = None  # a PartitionSpec for y, None: the default layout
+  bias_layout: Any = None  # b's sharding where the types carry one (db is laid out so)
 
 
 def _validate(x, w, b, precision, out_sharding=None):
@@ -36,7 +37,7 @@ def _validate(x, w, b, precision, out_sharding=None):
     _checks.shape(_OP, "b", b, (w.shape[1],), "(out,)")
   out_sharding = _checks.out_sharding(_OP, out_sharding, x.ndim)
   return x, w, b, _Config(_checks.precision(_OP, precision), None if b is None else b.dtype,
-                          out_sharding)
+                          out_sharding, None if b is None else _sharding.like(b))
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, *,
@@ -101,9 +102,8 @@ def _linear(config, x, w, b):
 
 
 def _linear_fwd(config, x, w, b):
-  """Saves ``x``, ``w`` and ``b``: dW needs x, dX needs w and db is laid out as b; all are
-  inputs (no extra memory)."""
-  return _forward(config, x, w, b), (x, w, b)
+  """Saves ``x`` and ``w``: dW needs x and dX needs w, and both are inputs (no extra memory)."""
+  return _forward(config, x, w, b), (x, w)
 
 
 def _linear_bwd(config, res, g):
@@ -128,7 +128,7 @@ def _linear_bwd(config, res, g):
   float32; each cotangent is cast to its input's dtype (the cast of ``w`` to ``x``'s dtype in
   the forward transposes to this cast back).
   """
-  x, w, _ = res
+  x, w = res
   acc = _checks.at_least_float32(x.dtype)
   g = g.astype(x.dtype)
   lead = tuple(range(x.ndim - 1))
@@ -139,7 +139,8 @@ def _linear_bwd(config, res, g):
                        preferred_element_type=acc, out_sharding=_sharding.like(w))
   db = None
   if config.bias is not None:
-    db = _sharding.reshard_as(jnp.sum(g.astype(acc), axis=lead), res[2]).astype(config.bias)
+    db = _sharding.reshard_to(jnp.sum(g.astype(acc), axis=lead), config.bias_layout)
+    db = db.astype(config.bias)
   return dx.astype(x.dtype), dw.astype(w.dtype), db
 
 

@@ -143,7 +143,7 @@ def layout_rows() -> list[dict]:
   from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
-  from jlayers import _sharding, testing  # noqa: PLC0415
+  from jlayers import testing  # noqa: PLC0415
   from jlayers.grids import GRIDS  # noqa: PLC0415
 
   names, sizes = tuple(testing.LAYOUT_MESH), tuple(testing.LAYOUT_MESH.values())
@@ -154,21 +154,19 @@ def layout_rows() -> list[dict]:
       args = case.make(np.random.default_rng(0), jnp.float32)
       out_shape = jax.eval_shape(testing.restrict(grid.reference, case, args),
                                  *(args[i] for i in case.diff))
-      weights = testing.random_like(np.random.default_rng(1), out_shape)
+      cot = testing.random_like(np.random.default_rng(1), out_shape)
 
-      def loss(primals, args, weights, fn):
+      def run(primals, args, cot, fn):
         full = list(args)
         for i, a in zip(case.diff, primals):
           full[i] = a
-        out = case.call(fn, tuple(full))
-        return sum(jnp.sum(o * _sharding.reshard_as(w, o))
-                   for o, w in zip(jax.tree_util.tree_leaves(out),
-                                   jax.tree_util.tree_leaves(weights)))
+        out, pullback = jax.vjp(lambda *p: case.call(fn, tuple(
+            p[case.diff.index(i)] if i in case.diff else a for i, a in enumerate(full))),
+                                *primals)
+        return out, pullback(cot)
 
-      grad = jax.value_and_grad(loss)
       for impl, fn in (("manual", grid.manual), ("twin", grid.reference)):
-        want = jax.jit(grad, static_argnums=3)(tuple(args[i] for i in case.diff), args,
-                                               weights, fn)
+        want = jax.jit(run, static_argnums=3)(tuple(args[i] for i in case.diff), args, cot, fn)
         for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
           row = {"op": grid.name, "layout": layout.id, "impl": impl, "mode": mode}
           mesh = jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names))
@@ -176,17 +174,16 @@ def layout_rows() -> list[dict]:
             with jax.set_mesh(mesh):
               s_args = tuple(jax.device_put(a, NamedSharding(mesh, P(*spec)))
                              for a, spec in zip(args, layout.specs))
-              s_weights = jax.tree_util.tree_map(
-                  lambda w: jax.device_put(w, NamedSharding(mesh, P(*(layout.out or ())))),
-                  weights)
+              # The cotangent laid out as the next layer would read the output.
+              s_cot = jax.tree_util.tree_map(
+                  lambda c: jax.device_put(c, NamedSharding(mesh, P(*(layout.out or ())))), cot)
               primals = tuple(s_args[i] for i in case.diff)
               # Auto axes: the types carry no layout, so the gradients' is asked of jit (as a
               # training step asks it of its updated params).
-              outs = (None if mode == "explicit" else
-                      (NamedSharding(mesh, P()), tuple(p.sharding for p in primals)))
-              compiled = jax.jit(grad, static_argnums=3, out_shardings=outs).lower(
-                  primals, s_args, s_weights, fn).compile()
-              got = compiled(primals, s_args, s_weights)
+              outs = None if mode == "explicit" else (None, tuple(p.sharding for p in primals))
+              compiled = jax.jit(run, static_argnums=3, out_shardings=outs).lower(
+                  primals, s_args, s_cot, fn).compile()
+              got = compiled(primals, s_args, s_cot)
             laid_out = all(g.sharding.is_equivalent_to(p.sharding, g.ndim)
                            for g, p in zip(got[1], primals))
             hlo = compiled.as_text()

@@ -15,7 +15,7 @@ keyword; segment ids, lengths, biases and sinks are drawn per case and passed by
 import numpy as np
 
 from jlayers.attention import dot_product_attention_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _mask(shape, seed, density=0.6, empty_row=False):
@@ -128,6 +128,10 @@ GRIDS = [
                         "mqa-b1t150n2s140k1h2-causal-blocks",
                         "gqa-b2t9n4s9k2h3-causal-everything"),
         bench=(_bench(512, False), _bench(512, True), _bench(2048, False), _bench(2048, True)),
+        layouts=tuple(  # heads split over model, grouped-query included
+            Layout("heads", _case(MESH_BATCH, 6, n, 6, k, 2, causal=True),
+                   ((("data", None, "model"),) * 3), out=("data", None, "model"))
+            for n, k in ((4, 4), (8, 4))),
         mesh=(_case(MESH_BATCH, 130, 4, 140, 2, 2, causal=True, suffix="-blocks"),
               _case(MESH_BATCH, 4, 2, 5, 2, 2, mask=_mask((MESH_BATCH, 1, 1, 5), 4, 0.7),
                     suffix="-keymask"),

@@ -7,7 +7,7 @@ with a non-square 3×2 kernel. Bias is on for half of the grid, spread over ever
 import itertools
 
 from jlayers.conv import conv2d_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 _C = 4
 _STRIDES = (1, 2)
@@ -43,13 +43,14 @@ def _grid():
     yield _case(*values, bias=sum(index) % 2 == 0)
 
 
-def _sized(name, batch, size, layout, groups, stride, w_scale):
-  """Batch ``batch`` of ``size``×``size``×4 images, a 3×3 kernel to 6 channels, with bias."""
+def _sized(name, batch, size, layout, groups, stride, w_scale, out=6):
+  """Batch ``batch`` of ``size``×``size``×4 images, a 3×3 kernel to ``out`` channels, with
+  bias."""
   def make(rng, dtype):
     x_shape = (batch, size, size, 4) if layout == "NHWC" else (batch, 4, size, size)
-    w_shape = (3, 3, 4 // groups, 6) if layout == "NHWC" else (6, 4 // groups, 3, 3)
+    w_shape = (3, 3, 4 // groups, out) if layout == "NHWC" else (out, 4 // groups, 3, 3)
     return (normal(rng, x_shape, dtype), normal(rng, w_shape, dtype, scale=w_scale),
-            normal(rng, (6,), dtype))
+            normal(rng, (out,), dtype))
   return Case(f"{name}-g{groups}-s{stride}-{layout.lower()}", make,
               dict(stride=stride, groups=groups, layout=layout), diff=(0, 1, 2))
 
@@ -81,6 +82,13 @@ GRIDS = [
                         "s2-valid-d1-dw-nchw-even-bias"),
         bench=(_bench(28), _bench(28, batch=127), _bench(14)),
         mesh=(_mesh("NHWC", 1, 1), _mesh("NCHW", 2, 2)),
+        layouts=(  # FSDP: the kernel's output channels over data; column: over model
+            Layout("fsdp", _sized("mesh", MESH_BATCH, 6, "NHWC", 1, 1, 0.5, out=8),
+                   (("data",), (None, None, None, "data"), ("data",)), gathered=(1,),
+                   out=("data",)),
+            Layout("column", _sized("mesh", MESH_BATCH, 6, "NCHW", 1, 2, 0.5, out=8),
+                   (("data",), ("model",), ("model",)), out=("data", "model")),
+        ),
         platform_dependent=True,
     ),
 ]

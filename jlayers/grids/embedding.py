@@ -10,7 +10,7 @@ differentiable, and the ids' axis 0 is the batch.
 import jax.numpy as jnp
 
 from jlayers.embedding import embedding_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _case(ids_shape, num, features, ids_dtype=jnp.int32, suffix=""):
@@ -35,5 +35,11 @@ GRIDS = [
         representative=("2x6x4-v3f2-dup", "3x7-v300f2-uint8"),
         bench=(_case((16, 512), 50_000, 768),),
         mesh=(_case((MESH_BATCH, 5), 7, 3),),
+        layouts=(
+            Layout("vocab", _case((MESH_BATCH, 5), 16, 6), (("data",), ("model", None)),
+                   out=("data",)),
+            Layout("fsdp", _case((MESH_BATCH, 5), 16, 6), (("data",), (None, "data")),
+                   gathered=(1,), out=("data",)),
+        ),
     ),
 ]

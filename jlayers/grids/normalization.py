@@ -4,7 +4,7 @@ not last), with and without scale and offset, eps, group counts, channel axes.""
 import jax.numpy as jnp
 
 from jlayers.normalization import group_norm_op, layer_norm_op, rms_norm_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _ident(shape, axis):
@@ -68,6 +68,11 @@ GRIDS = [
         representative=("2x3x8-axis-1", "2x3x4-axis12"),
         bench=(_bench(_TRANSFORMER, 2),),
         mesh=(_layer_case((MESH_BATCH, 3, 8)),),
+        layouts=(Layout("fsdp", _layer_case((MESH_BATCH, 3, 8)),
+                        (("data",), ("data",), ("data",)), gathered=(1, 2), out=("data",)),
+                 Layout("model", _layer_case((MESH_BATCH, 3, 8)),
+                        (("data", None, "model"), ("model",), ("model",)),
+                        out=("data", None, "model"))),
     ),
     Grid(
         rms_norm_op,
@@ -77,6 +82,10 @@ GRIDS = [
         representative=("2x3x8-axis-1",),
         bench=(_bench(_TRANSFORMER, 1),),
         mesh=(_layer_case((MESH_BATCH, 8), rms=True),),
+        layouts=(Layout("fsdp", _layer_case((MESH_BATCH, 3, 8), rms=True),
+                        (("data",), ("data",)), gathered=(1,), out=("data",)),
+                 Layout("scale-split", _layer_case((MESH_BATCH, 3, 8), rms=True),
+                        (("data",), ("model",)), gathered=(1,), out=("data",))),
     ),
     Grid(
         group_norm_op,
@@ -86,5 +95,7 @@ GRIDS = [
         representative=("2x3x3x6-axis-1-g2",),
         bench=(_bench(_TRANSFORMER, 2, "-g32", groups=32),),
         mesh=(_group_case((MESH_BATCH, 3, 3, 4), 2),),
+        layouts=(Layout("fsdp", _group_case((MESH_BATCH, 3, 3, 4), 2),
+                        (("data",), ("data",), ("data",)), gathered=(1, 2), out=("data",)),),
     ),
 ]
