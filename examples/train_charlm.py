@@ -37,6 +37,8 @@ Run from the repository root (``pip install -e '.[examples]'``)::
     python examples/train_charlm.py --remat             # recompute each block's activations
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python examples/train_charlm.py --devices 8     # data-parallel on 8 (CPU) devices
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+        python examples/train_charlm.py --mesh 2x4 --parallel tensor  # data x model mesh
 """
 
 from __future__ import annotations
@@ -192,6 +194,20 @@ def make_evaluate(model, impl):
   return total
 
 
+RULES = {"fsdp": jlayers.partitioning.FSDP, "tensor": jlayers.partitioning.TENSOR,
+         "both": jlayers.partitioning.FSDP + jlayers.partitioning.TENSOR}
+
+
+def placement_for(devices=None, mesh=None, parallel="fsdp"):
+  """``jlayers.DataParallel(devices)``, or with ``mesh=(data, model)`` a
+  ``jlayers.ModelParallel`` laid out by ``RULES[parallel]``."""
+  if mesh is None:
+    return jlayers.DataParallel(devices)
+  if devices is not None:
+    raise ValueError("give devices (data parallel) or mesh (data x model), not both")
+  return jlayers.ModelParallel(*mesh, RULES[parallel])
+
+
 def validation_loss(total_fn, params, data, context, batch_size, placement) -> float:
   """Mean nats per character over ``data`` cut into consecutive windows of ``context + 1``
   (every character after the first of a window is predicted once), in batches padded to
@@ -277,12 +293,17 @@ def _progress(total):
 
 def train(*, steps=2000, batch_size=32, arch="gpt", pack=False, context=64, features=128,
           layers=4, heads=4, lr=1e-3, warmup=100, seed=0, impl="manual", dtype=None, remat=False,
-          devices=None, eval_every=250, check_grads=True, sample_length=300, prompt="The ",
-          log=print, progress=True):
-  """Trains and evaluates; returns a dict of the final numbers and the curves."""
+          devices=None, mesh=None, parallel="fsdp", eval_every=250, check_grads=True,
+          sample_length=300, prompt="The ", log=print, progress=True):
+  """Trains and evaluates; returns a dict of the final numbers and the curves.
+
+  ``devices``: data-parallel on a mesh of that many devices. ``mesh=(data, model)``: a
+  ``data`` × ``model`` mesh with the params laid out by ``parallel`` (``"fsdp"``: every
+  matrix split along its model features over ``data``; ``"tensor"``: heads, MLP features and
+  the vocabulary over ``model``; ``"both"``)."""
   start = time.perf_counter()
   vocab, train_ids, val_ids = load_data()
-  placement = jlayers.DataParallel(devices)
+  placement = placement_for(devices, mesh, parallel)
   if batch_size % placement.devices:
     raise ValueError(f"batch size {batch_size} must be a multiple of --devices "
                      f"{placement.devices}")
@@ -297,7 +318,8 @@ def train(*, steps=2000, batch_size=32, arch="gpt", pack=False, context=64, feat
       f"{len(val_ids)} validation), vocabulary {len(vocab)}; model: {arch}, {layers} layers, "
       f"{heads} "
       f"heads, {features} features, context {context}, {n_params / 1e6:.2f} M params; "
-      f"impl={impl}, backend={jax.default_backend()}, devices={placement.devices}, "
+      f"impl={impl}, backend={jax.default_backend()}, devices={placement.devices}"
+      f"{'' if mesh is None else f' ({mesh[0]} data x {mesh[1]} model, {parallel})'}, "
       f"dtype={jnp.dtype(dtype or jnp.float32).name}{', remat' if remat else ''}"
       f"{', packed rows' if pack else ''}")
 
@@ -320,7 +342,12 @@ def train(*, steps=2000, batch_size=32, arch="gpt", pack=False, context=64, feat
   total_fn = make_evaluate(model, impl)
   eval_batch = max(placement.devices, 64 - 64 % placement.devices)
   history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
-  params, opt_state = placement.replicate((params, opt_state))
+  if mesh is None:
+    params, opt_state = placement.replicate((params, opt_state))
+  else:  # the optimizer state made from the placed params is laid out as they are
+    params = placement.place(params)
+    with placement.context():
+      opt_state = jax.jit(optimizer.init)(params)
   bar = _progress(steps) if progress else None
   t_train = time.perf_counter()
   with placement.context():
@@ -421,6 +448,10 @@ def main(argv=None) -> int:
                       help="recompute each block's activations in the backward pass")
   parser.add_argument("--devices", type=int, default=None,
                       help="train data-parallel on a mesh of this many devices")
+  parser.add_argument("--mesh", default=None, metavar="DxM",
+                      help="train on a data x model mesh, e.g. 2x4 (params laid out by --parallel)")
+  parser.add_argument("--parallel", choices=tuple(RULES), default="fsdp",
+                      help="with --mesh: FSDP over data, tensor parallelism over model, or both")
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first (one process per host)")
   parser.add_argument("--eval-every", type=int, default=250,
@@ -442,6 +473,16 @@ def main(argv=None) -> int:
     parser.error("--lr must be positive, --warmup and --sample-length non-negative")
   if args.devices is not None and args.devices < 1:
     parser.error("--devices must be positive")
+  mesh = None
+  if args.mesh is not None:
+    try:
+      mesh = tuple(int(n) for n in args.mesh.lower().split("x"))
+    except ValueError:
+      mesh = ()
+    if len(mesh) != 2 or min(mesh) < 1:
+      parser.error(f"--mesh must be DxM with positive D and M (e.g. 2x4), got {args.mesh!r}")
+    if args.devices is not None:
+      parser.error("--mesh and --devices exclude each other")
   vocab = Vocabulary(load_text())
   unknown = sorted(set(args.prompt) - set(vocab.chars))
   if unknown:
@@ -453,7 +494,8 @@ def main(argv=None) -> int:
                  context=args.context,
                  features=args.features, layers=args.layers, heads=args.heads, lr=args.lr,
                  warmup=args.warmup, seed=args.seed, impl=args.impl, dtype=dtype,
-                 remat=args.remat, devices=args.devices, eval_every=args.eval_every,
+                 remat=args.remat, devices=args.devices, mesh=mesh, parallel=args.parallel,
+                 eval_every=args.eval_every,
                  check_grads=args.check_grads, sample_length=args.sample_length,
                  prompt=args.prompt, progress=args.progress)
   if args.plot:

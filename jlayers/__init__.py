@@ -26,14 +26,14 @@ from jlayers.rotary import rotary_embedding
 from jlayers.gated import geglu, swiglu
 from jlayers.linear_cross_entropy import linear_cross_entropy
 
-from jlayers import _ops, checkpoints, layers, reference, testing  # noqa: E402 (after the ops)
+from jlayers import _ops, checkpoints, layers, partitioning, reference, testing  # noqa: E402
 from jlayers._ops import Op, op, register_op, registered_ops, unregister_op
 from jlayers._platform import formulation
 from jlayers.layers import (GELU, AvgPool2d, BatchNorm, Conv2d, Dropout, Embedding, Flatten,
                             GatedMLP, GroupNorm, Layer, LayerNorm, Linear, MaxPool2d,
                             MultiHeadAttention, ReLU, RMSNorm, SiLU)
 from jlayers.models import Composite, Remat, Residual, Scope, Sequential
-from jlayers.parallel import DataParallel
+from jlayers.parallel import DataParallel, ModelParallel
 from jlayers.generation import Generation, filter_logits, generate, sample_logits
 from jlayers.testing import grad_differences, max_grad_difference
 from jlayers.transformer import DecoderBlock, TransformerLM, llama3_frequencies, transformer_block
@@ -64,6 +64,8 @@ __all__ = [
     "Composite",
     "Conv2d",
     "DataParallel",
+    "ModelParallel",
+    "partitioning",
     "Dropout",
     "Embedding",
     "Flatten",

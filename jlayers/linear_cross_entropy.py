@@ -264,7 +264,8 @@ def _lce_fwd(config, x, w, labels, keep):
   if config.reduction == "mean":
     weights = weights * _mean_scale(x.shape[:-1], keep, acc)
   out = _tokens(config, x, w, labels, keep, g=weights)
-  return _reduce(config, out["loss"], keep).astype(x.dtype), (out["dx"], out["dw"])
+  grads = (_sharding.reshard_as(out["dx"], x), _sharding.reshard_as(out["dw"], w))
+  return _reduce(config, out["loss"], keep).astype(x.dtype), grads
 
 
 def _lce_bwd(config, res, g):
@@ -300,7 +301,7 @@ def _lce_bwd(config, res, g):
     return scaled(dx), scaled(dw), None, None
   x, w, labels, keep, lse = res
   out = _tokens(config, x, w, labels, keep, g=g, lse=lse)
-  return out["dx"], out["dw"], None, None
+  return (_sharding.reshard_as(out["dx"], x), _sharding.reshard_as(out["dw"], w), None, None)
 
 
 _lce.defvjp(_lce_fwd, _lce_bwd)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlayers import _checks, _kv_cache
+from jlayers import _checks, _kv_cache, _sharding
 from jlayers.layers import (GELU, Embedding, GatedMLP, LayerNorm, Linear, MultiHeadAttention,
                             RMSNorm, base)
 from jlayers.linear_cross_entropy import linear_cross_entropy_op
@@ -421,8 +421,9 @@ class TransformerLM(Composite):
       h = h * jnp.asarray(self.embedding_scale, h.dtype)
     if self.positions == "learned":
       where = jnp.arange(t, dtype=jnp.int32).reshape(1, t) if positions is None else positions
-      h = h + scope("position", Embedding(self.context, self.features, **self._kw()),
-                    where.reshape(-1, t))
+      pos = scope("position", Embedding(self.context, self.features, **self._kw()),
+                  where.reshape(-1, t))
+      h = h + _sharding.reshard_like(pos, h)  # a table split otherwise (FSDP) laid out as h
       positions = None  # the attention layers have no rotary embedding
     for i in range(self.layers):
       block = self._block(i)

@@ -127,6 +127,33 @@ def test_eight_device_transformer_step_equals_one_device_step(report, impl):
   assert result["batch_sized"] == 0, result["shapes"]
 
 
+@pytest.mark.parametrize("parallel", ["fsdp", "tensor"])
+def test_data_by_model_mesh_training_step_equals_one_device_step(report, parallel):
+  """The character transformer's step (Llama architecture) on a 2 × 4 ``data`` × ``model``
+  mesh, params laid out by ``jlayers.partitioning``'s FSDP or tensor-parallel rules
+  (``jlayers.ModelParallel``), against one device: params, optimizer state and loss within
+  1e-5 relative, every param still laid out as placed, and no batch-sized all-gather."""
+  result = _section(report, "model_parallel_step")[parallel]
+  assert result["split_params"] > 0, result
+  for name in ("params", "opt_state", "loss"):
+    assert result[name] <= REL_TOL, (name, result)
+  assert result["kept"], result
+  assert result["batch_sized"] == 0, result["shapes"]
+  if parallel == "tensor":  # Megatron's pattern: activation sums only, no gather of a weight
+    assert result["all_gather"] == 0, result["shapes"]
+
+
+def test_init_sharded_makes_the_params_of_init_laid_out_by_the_rules(report):
+  result = _section(report, "model_parallel_step")["init_sharded"]
+  assert result["rel_err"] == 0 and result["laid_out"], result
+
+
+def test_the_transformer_example_trains_on_a_data_by_model_mesh(report):
+  result = _section(report, "model_parallel_step")["train"]
+  assert result["sample"].startswith("def ") and len(result["sample"]) == 9, result
+  assert math.isfinite(result["val_loss"]), result
+
+
 def test_the_transformer_example_trains_and_samples_on_eight_devices(report):
   result = _section(report, "charlm_step")["train"]
   assert result["sample"].startswith("def ") and len(result["sample"]) == 9, result

@@ -61,7 +61,7 @@ def test_ci_runs_exactly_the_readmes_test_command():
 
 
 def test_readme_python_blocks_run():
-  tour, llama, transformer, generation, composite, own_op = _readme_blocks("python")
+  tour, llama, transformer, generation, composite, own_op, layouts = _readme_blocks("python")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # as users run it (optax mixes int and float)
     exec(compile(tour, "README.md", "exec"), namespace)  # noqa: S102
@@ -92,6 +92,10 @@ def test_readme_python_blocks_run():
     if "softsign" in jlayers.registered_ops():
       jlayers.unregister_op("softsign")
   assert namespace["report"].passed
+  namespace = {}
+  exec(compile(layouts, "README.md", "exec"), namespace)  # noqa: S102
+  assert "head" not in namespace["specs"]  # tied: the embedding is the head
+  assert namespace["specs"]["embed"]["embedding"] == jax.sharding.PartitionSpec("model", "data")
 
 
 def test_layers_import_the_ops_they_run_and_look_nothing_up_by_name():
