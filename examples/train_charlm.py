@@ -391,8 +391,10 @@ def train(*, steps=2000, batch_size=32, arch="gpt", pack=False, context=64, feat
     single = jax.device_put(jax.device_get(params)) if placement.devices > 1 else params
     text, speed = generate(model, single, vocab, prompt, sample_length,
                            jax.random.fold_in(key, 1), impl=impl)
+    rate = (f"{speed['tokens_per_second']:,.0f} tokens/s compiled" if speed["seconds"] else
+            "too short to time a chunk that was compiled before")
     log(f"sample ({sample_length} characters after the prompt {prompt!r}, through the "
-        f"key/value cache: {speed['tokens_per_second']:,.0f} tokens/s compiled):\n{text}")
+        f"key/value cache: {rate}):\n{text}")
   wall = time.perf_counter() - start
   log(f"total wall time: {wall:.1f} s")
   return {"val_loss": val, "grad_error": grad_error, "key_bias_grad": key_bias,

@@ -58,6 +58,12 @@ def reshard_apart(w, x):
   return w if kept == spec else jax.sharding.reshard(w, P(*kept))
 
 
+def mesh_size(names) -> int:
+  """The devices along the mesh axes ``names`` of the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[n] for n in names)
+
+
 def like(x):
   """``x``'s sharding, to pass as ``out_sharding=`` for a result laid out as ``x`` (a weight
   gradient laid out as the weight), or ``None`` where types carry no sharding."""

@@ -40,11 +40,13 @@ def clamped(i, size: int, total: int):
   return start, start + lax.iota(jnp.int32, size) >= i * size
 
 
-def zeros(shape, dtype, like):
-  """Zeros of ``shape`` varying over the manual mesh axes that ``like`` varies over: a loop's
-  carry must keep its type under ``shard_map``, where the blocks it takes in vary."""
+def zeros(shape, dtype, like, extra=()):
+  """Zeros of ``shape`` varying over the manual mesh axes that ``like`` varies over (and
+  ``extra``): a loop's carry must keep its type under ``shard_map``, where the blocks it takes
+  in vary."""
   z = jnp.zeros(shape, dtype)
-  names = tuple(sorted(getattr(getattr(jax.typeof(like), "mat", None), "varying", ())))
+  varying = set(getattr(getattr(jax.typeof(like), "mat", None), "varying", ())) | set(extra)
+  names = tuple(sorted(varying))
   return lax.pcast(z, names, to="varying") if names else z
 
 
@@ -69,27 +71,42 @@ def add_outer(acc, a, b, cols: int):
 
 
 def per_device(fn, x, split: dict, shared, out_keys: tuple[str, ...], summed: tuple[str, ...]):
-  """``fn(split, shared) -> {key: array}``, each device on its own tokens.
+  """``fn(split, shared[, vocab]) -> {key: array}``, each device on its own tokens (and its
+  own columns of ``shared``).
 
   ``split`` holds ``x: [..., H]`` and arrays of its tokens (``x.shape[:-1]``). Where the first
   axis of a rank ≥ 2 ``x`` is split over mesh axes (:func:`jlayers._sharding.split_axis`),
   ``fn`` runs under ``shard_map``: the ``split`` arrays are laid out as ``x`` first, whatever
-  their sharding (replicated labels, a closed-over constant), ``shared`` (the weights) is
-  replicated, the outputs ``out_keys`` come back split as ``x``, except those in ``summed``,
-  added over the devices (one all-reduce each, weight-sized). Elsewhere ``fn`` as it is.
+  their sharding (replicated labels, a closed-over constant), the outputs ``out_keys`` come
+  back split as ``x``, except those in ``summed``, added over the devices (one all-reduce
+  each, weight-sized). ``shared`` (the weight ``[H, V]``) is replicated, unless its types say
+  its columns are split over other mesh axes (vocabulary parallel): then each device keeps its
+  columns, ``fn`` gets ``vocab = (those axes, V, the first column's index)`` and combines
+  what a token needs across them itself, and the ``summed`` outputs stay split as ``shared``.
+  Elsewhere ``fn(split, shared)`` as it is.
   """
   parts, names, explicit = _sharding.split_axis(x, 0) if x.ndim > 1 else (1, (), False)
-  if parts == 1:
+  vocab = ()
+  if _sharding.explicit(shared):
+    vocab = tuple(n for n in _sharding.axis_names(_sharding.entry(shared, 1)) if n not in names)
+  if parts == 1 and not vocab:
     return fn(split, shared)
+  columns = P(None, vocab if len(vocab) > 1 else vocab[0]) if vocab else P()
   if explicit:
     split = {k: _sharding.reshard_like(a, x) for k, a in split.items()}
-    shared = jax.tree_util.tree_map(
-        lambda a: jax.sharding.reshard(a, P()) if any(jax.typeof(a).sharding.spec) else a, shared)
+    if jax.typeof(shared).sharding.spec != columns:
+      shared = jax.sharding.reshard(shared, columns)
+  rows = P(names) if names else P()
 
   def body(split, shared):
-    out = fn(split, shared)
-    return {k: lax.psum(a, names) if k in summed else a for k, a in out.items()}
+    if vocab:
+      size = shared.shape[1]
+      out = fn(split, shared, (vocab, size * _sharding.mesh_size(vocab),
+                               lax.axis_index(vocab) * size))
+    else:
+      out = fn(split, shared)
+    return {k: lax.psum(a, names) if k in summed and names else a for k, a in out.items()}
 
-  return jax.shard_map(body, in_specs=({k: P(names) for k in split}, P()),
-                       out_specs={k: P() if k in summed else P(names) for k in out_keys},
-                       axis_names=set(names))(split, shared)
+  return jax.shard_map(body, in_specs=({k: rows for k in split}, columns),
+                       out_specs={k: columns if k in summed else rows for k in out_keys},
+                       axis_names=set(names) | set(vocab))(split, shared)

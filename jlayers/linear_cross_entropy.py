@@ -101,7 +101,11 @@ def linear_cross_entropy(
   ``jax.jit`` without differentiation only the loss is computed. On a mesh whose first axis of
   ``x`` is split (data parallel), every device runs its own tokens and the ``[H, V]`` partial
   weight gradients are added up: one all-reduce, nothing of the batch's size moves; labels and
-  ``where`` may be split as ``x``, replicated or constants.
+  ``where`` may be split as ``x``, replicated or constants. With ``w``'s columns split over
+  other mesh axes (vocabulary parallel, explicit axes) each device keeps its columns: a
+  token's maximum, sum of exponentials, label logit and logit sum are combined across them
+  (a few numbers per token), and so is its row of ``dx``; nothing of ``w``'s size or of
+  tokens × vocabulary moves.
 
   Logits, log-sum-exps, probabilities and accumulations are in float32 (float64 for float64
   ``x``). As :func:`jlayers.linear`, ``w`` is cast to ``x``'s dtype for the products, which
@@ -136,13 +140,20 @@ def linear_cross_entropy(
   return _lce(config, x, w, labels, where)
 
 
-def _sweep(config, x, w, labels, keep, g=None, lse=None):
+def _sweep(config, x, w, labels, keep, g=None, lse=None, vocab=None):
   """The loop over blocks of tokens of ``x: float[n, H]``, with per-token ``labels``, ``keep``
   (or None), ``g`` (the losses' cotangents) and ``lse``. Returns a dict: ``loss`` and ``lse``
   without ``g``; with ``g``, ``loss``, ``dx`` and ``dw``, the probabilities taken from each
-  block's own log-sum-exp, or, given ``lse`` (the backward), ``dx`` and ``dw`` only."""
+  block's own log-sum-exp, or, given ``lse`` (the backward), ``dx`` and ``dw`` only.
+
+  ``vocab = (mesh axes, V, offset)``: under ``shard_map``, ``w`` is this device's columns
+  ``offset …`` of ``V`` (vocabulary parallel). A token's maximum, sum of exponentials, label
+  logit and logit sum are then added (or maxed) over those axes — one number per token — and
+  so is its row of ``dx``; ``dw`` stays this device's columns."""
   n, h = x.shape
   v = w.shape[1]
+  names, vt, offset = vocab if vocab else ((), v, 0)
+  psum = (lambda a: lax.psum(a, names)) if names else (lambda a: a)
   acc = _checks.at_least_float32(x.dtype)
   b, cols = _token_blocks.sizes(n, h, v, acc.itemsize)
   wc = w.astype(x.dtype)
@@ -150,7 +161,8 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None):
   shapes = {"loss": ((n,), acc)} if lse is None else {}
   shapes.update({"lse": ((n,), acc)} if g is None else {"dx": ((n, h), x.dtype),
                                                          "dw": ((h, v), acc)})
-  carry = {k: _token_blocks.zeros(*shape, x) for k, shape in shapes.items()}
+  carry = {k: _token_blocks.zeros(*shape, x, names if k == "dw" else ())
+           for k, shape in shapes.items()}
 
   def step(i, carry):
     start, fresh = _token_blocks.clamped(i, b, n)
@@ -160,16 +172,21 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None):
     s = lax.dot_general(xb, wc, (((1,), (0,)), ((), ())), preferred_element_type=acc)
     t = None if cap is None else jnp.tanh(s / cap)
     c = s if cap is None else cap * t
-    idx, in_range = (a[:, None] for a in _logits.label_index(cut(labels), v))
+    idx, in_range = (a[:, None] for a in _logits.label_index(cut(labels), vt))
+    idx = idx - offset  # this device's column of the label (outside [0, v): another's)
+    here = (idx >= 0) & (idx < v)
     kb = None if keep is None else cut(keep)[:, None]
     carry = dict(carry)
     if lse is None:
       m = jnp.max(c, axis=1, keepdims=True)
-      log_s = jnp.log(jnp.sum(jnp.exp(c - m), axis=1, keepdims=True))
+      m = lax.pmax(m, names) if names else m
+      log_s = jnp.log(psum(jnp.sum(jnp.exp(c - m), axis=1, keepdims=True)))
       lse_b = jnp.where(in_range, m + log_s, jnp.full_like(m, jnp.nan))
-      loss = log_s - (jnp.take_along_axis(c, idx, axis=1) - m)
+      label = jnp.take_along_axis(c, jnp.clip(idx, 0, v - 1), axis=1)
+      loss = log_s - (psum(jnp.where(here, label, jnp.zeros_like(label))) - m)
       if alpha:
-        loss = (1 - alpha) * loss + alpha * (log_s - (jnp.mean(c, axis=1, keepdims=True) - m))
+        mean = psum(jnp.sum(c, axis=1, keepdims=True)) / vt
+        loss = (1 - alpha) * loss + alpha * (log_s - (mean - m))
       loss = _logits.masked(kb, jnp.where(in_range, loss + z * lse_b * lse_b, lse_b))
       carry["loss"] = put(carry["loss"], loss[:, 0])
       p = jnp.exp((c - m) - log_s)
@@ -180,13 +197,13 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None):
       carry["lse"] = put(carry["lse"], lse_b[:, 0])
       return carry
     gb = cut(g)[:, None].astype(acc)
-    ds = (gb * (1 + 2 * z * lse_b)) * p - gb * (alpha / v)
+    ds = (gb * (1 + 2 * z * lse_b)) * p - gb * (alpha / vt)
     ds = ds - jnp.where(lax.broadcasted_iota(jnp.int32, ds.shape, 1) == idx, gb * (1 - alpha),
                         jnp.zeros_like(gb))
     if cap is not None:
       ds = ds * (1 - t * t)
     ds = _logits.masked(kb, ds).astype(x.dtype)
-    dxb = lax.dot_general(ds, wc, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    dxb = psum(lax.dot_general(ds, wc, (((1,), (1,)), ((), ())), preferred_element_type=acc))
     carry["dx"] = put(carry["dx"], dxb.astype(x.dtype))
     fresh_x = jnp.where(fresh[:, None], xb, jnp.zeros_like(xb))  # rows the last block repeats
     carry["dw"] = _token_blocks.add_outer(carry["dw"], fresh_x, ds, cols)
@@ -209,11 +226,11 @@ def _tokens(config, x, w, labels, keep, g=None, lse=None):
   split = {"x": x, "labels": labels, "keep": keep, "g": g, "lse": lse}
   split = {k: a for k, a in split.items() if a is not None}
 
-  def local(split, w):
+  def local(split, w, vocab=None):
     lead = split["x"].shape[:-1]
     flat = {k: a.reshape(math.prod(lead), *a.shape[len(lead):]) for k, a in split.items()}
     out = _sweep(config, flat["x"], w, flat["labels"], flat.get("keep"), flat.get("g"),
-                 flat.get("lse"))
+                 flat.get("lse"), vocab)
     return {k: a if k == "dw" else a.reshape(*lead, *a.shape[1:]) for k, a in out.items()}
 
   keys = (("loss",) if lse is None else ()) + (("lse",) if g is None else ("dx", "dw"))

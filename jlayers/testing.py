@@ -116,8 +116,11 @@ class Layout:
     gathered: positions of the arguments the layout all-gathers whole (FSDP gathers each
       weight before it is used); an all-gather of any other argument's whole shape is a
       collective the layout does not need.
-    out: the ``PartitionSpec`` entries of the output that the next layer would read (the loss
-      weights the tests multiply it by are laid out so); ``None``: replicated.
+    out: the ``PartitionSpec`` entries of the output that the next layer would read (the
+      cotangent the tests pull back is laid out so); ``None``: replicated.
+    explicit_only: the rule keeps to the layout's collectives under explicit axes only: it
+      reads the parameter's layout from its type, which auto axes leave empty (the result is
+      right either way).
   """
 
   name: str
@@ -125,6 +128,7 @@ class Layout:
   specs: tuple[tuple, ...]
   gathered: tuple[int, ...] = ()
   out: tuple | None = None
+  explicit_only: bool = False
 
   @property
   def id(self) -> str:

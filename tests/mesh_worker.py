@@ -170,7 +170,8 @@ def layout_rows() -> list[dict]:
       for impl, fn in (("manual", grid.manual), ("twin", grid.reference)):
         want = jax.jit(run, static_argnums=3)(tuple(args[i] for i in case.diff), args, cot, fn)
         for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
-          row = {"op": grid.name, "layout": layout.id, "impl": impl, "mode": mode}
+          row = {"op": grid.name, "layout": layout.id, "impl": impl, "mode": mode,
+                 "explicit_only": layout.explicit_only}
           mesh = jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names))
           try:
             with jax.set_mesh(mesh):

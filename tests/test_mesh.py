@@ -71,7 +71,8 @@ def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout
   for the rule and its twin, with explicit and auto axes, equal one device, and each gradient
   comes back laid out as its argument. The manual rule gathers nothing the layout does not
   need: no whole argument but those the layout gathers (FSDP's weights), nothing with the
-  global batch."""
+  global batch (for a vocabulary-parallel cross-entropy, under explicit axes only: auto axes
+  hide ``w``'s layout from the rule, which then gathers ``w``)."""
   rows = [r for r in _section(report, "layouts")
           if (r["op"], r["layout"], r["impl"], r["mode"]) == (op, layout, impl, mode)]
   assert len(rows) == 1
@@ -79,7 +80,7 @@ def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout
   assert row["compiles"], row.get("error")
   assert row["rel_err"] <= REL_TOL, row
   assert row["laid_out"], row
-  if impl == "manual":
+  if impl == "manual" and (mode == "explicit" or not row["explicit_only"]):
     assert not row["unexpected"], row["shapes"]
 
 
@@ -144,8 +145,10 @@ def test_data_by_model_mesh_training_step_equals_one_device_step(report, paralle
 
 
 def test_init_sharded_makes_the_params_of_init_laid_out_by_the_rules(report):
+  """The same draws as ``init`` on one device (the partitioned program rounds its scalings in
+  its own order: float32 rounding apart), each param laid out as ``param_specs`` says."""
   result = _section(report, "model_parallel_step")["init_sharded"]
-  assert result["rel_err"] == 0 and result["laid_out"], result
+  assert result["rel_err"] <= 1e-6 and result["laid_out"], result
 
 
 def test_the_transformer_example_trains_on_a_data_by_model_mesh(report):

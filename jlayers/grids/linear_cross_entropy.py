@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlayers.linear_cross_entropy import linear_cross_entropy_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _case(lead, h, v, *, where=False, suffix="", **kwargs):
@@ -46,6 +46,14 @@ GRIDS = [
          _case((3, 2), 3, 4, where=True, suffix="z0.1", z_loss=0.1, reduction="mean")),
         representative=("2x3-4to7-where-all-none", "5-4to6-where-mean"),
         bench=(_bench(1024, 512, 8192, "mean"), _bench(1024, 512, 8192, "none")),
+        layouts=(  # the vocabulary over model (w's columns), FSDP's rows over data
+            Layout("vocab", _case((MESH_BATCH, 2), 4, 8, where=True, suffix="all", **_ALL),
+                   (("data",), (None, "model"), ("data",)), out=("data",), explicit_only=True),
+            Layout("vocab", _case((MESH_BATCH,), 4, 12, reduction="mean"),
+                   (("data",), (None, "model"), ("data",)), explicit_only=True),
+            Layout("fsdp", _case((MESH_BATCH,), 4, 12, reduction="sum"),
+                   (("data",), ("data", None), ("data",)), gathered=(1,)),
+        ),
         mesh=(_case((MESH_BATCH, 2), 4, 7, where=True, suffix="all", **_ALL),
               _case((MESH_BATCH,), 4, 6, reduction="mean"),
               _case((MESH_BATCH,), 4, 6, where=True, suffix="z0.1", z_loss=0.1,
