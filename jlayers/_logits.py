@@ -85,6 +85,16 @@ def one_hot(idx, x, axis):
   return (idx == lax.broadcasted_iota(jnp.int32, x.shape, axis)).astype(x.dtype)
 
 
+def at_label(z, idx, axis):
+  """``z``'s entry at each example's label ``idx`` (keepdims). With the classes split over
+  devices (a vocabulary-parallel layout) a one-hot sum, one number per example added across
+  them; else a gather."""
+  if _sharding.entry(z, axis) is None:
+    return jnp.take_along_axis(z, idx, axis=axis)
+  hit = _sharding.reshard_like(idx == lax.broadcasted_iota(jnp.int32, z.shape, axis), z)
+  return jnp.sum(jnp.where(hit, z, jnp.zeros_like(z)), axis=axis, keepdims=True)
+
+
 def smoothing_terms(w, x, axis, idx):
   """``(w_y, n)``: whether the label's class is unmasked (1.0 without a class mask) and the
   number of classes the smoothing mass is spread over (``C``, or the unmasked ones per
@@ -94,6 +104,6 @@ def smoothing_terms(w, x, axis, idx):
     return None, c
   if w.shape[axis] == 1:  # an example mask: every class of a counted example is unmasked
     return w.astype(x.dtype), c
-  w_y = jnp.take_along_axis(w, idx, axis=axis).astype(x.dtype)
+  w_y = at_label(w, idx, axis).astype(x.dtype)
   n = jnp.maximum(jnp.sum(w, axis=axis, keepdims=True).astype(x.dtype), 1)
   return w_y, n

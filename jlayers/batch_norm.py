@@ -11,7 +11,9 @@ from jlayers import _checks, _ops, _sharding, _standardize
 
 
 def _config(op, x, axis, eps, axis_name, **vectors):
-  """Validates everything static; returns ``x``, the normalised axis and the vectors."""
+  """Validates everything static; returns ``x``, the normalised axis and the vectors, each
+  laid out as ``x``'s feature axis on a mesh (a vector split otherwise, as FSDP splits it, is
+  gathered; the gradient of the reshard lays its gradient out back)."""
   x = _checks.floating(op, "x", x)
   _checks.min_rank(op, "x", x, 1)
   axis = _checks.axis_index(op, "axis", axis, x.ndim)
@@ -21,7 +23,7 @@ def _config(op, x, axis, eps, axis_name, **vectors):
   for name, v in vectors.items():
     v = _checks.floating(op, name, v)
     _checks.shape(op, name, v, (x.shape[axis],), f"(features,) matching x's axis {axis}")
-    out[name] = v
+    out[name] = _sharding.reshard_like(v, x, axes=(axis,))
   return x, axis, eps, out
 
 

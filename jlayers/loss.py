@@ -113,7 +113,7 @@ def _int_forward(axis, alpha, logits, labels, w):
   log_s = jnp.where(good, log_s, jnp.full_like(log_s, jnp.nan))
   z = _logits.shifted(x, m, w)
   w_y, n = _logits.smoothing_terms(w, x, axis, idx)
-  loss = log_s - jnp.take_along_axis(z, idx, axis=axis)
+  loss = log_s - _logits.at_label(z, idx, axis)
   if w_y is not None:
     loss = w_y * loss
   if alpha:

@@ -177,9 +177,14 @@ def layout_rows() -> list[dict]:
             with jax.set_mesh(mesh):
               s_args = tuple(jax.device_put(a, NamedSharding(mesh, P(*spec)))
                              for a, spec in zip(args, layout.specs))
-              # The cotangent laid out as the next layer would read the output.
-              s_cot = jax.tree_util.tree_map(
-                  lambda c: jax.device_put(c, NamedSharding(mesh, P(*(layout.out or ())))), cot)
+              # The cotangent laid out as the next layer would read the output (its per-example
+              # parts; statistics such as batch norm's are replicated).
+              def place_cot(c, mesh=mesh):
+                batched = c.ndim and c.shape[0] == testing.MESH_BATCH
+                return jax.device_put(c, NamedSharding(mesh, P(*(layout.out or ()))
+                                                       if batched else P()))
+
+              s_cot = jax.tree_util.tree_map(place_cot, cot)
               primals = tuple(s_args[i] for i in case.diff)
               # Auto axes: the types carry no layout, so the gradients' is asked of jit (as a
               # training step asks it of its updated params).

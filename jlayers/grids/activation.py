@@ -2,7 +2,7 @@
 and ``silu``: shapes of several ranks."""
 
 from jlayers.activation import gelu_op, relu_op, silu_op
-from jlayers.testing import MESH_BATCH, Case, Grid, away_from_zero, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, away_from_zero, normal
 
 _SHAPES = ((7,), (3, 5), (2, 3, 4), (2, 4, 4, 3), (1, 1))
 
@@ -24,6 +24,8 @@ GRIDS = [
         tuple(_case(s) for s in _SHAPES),
         bench=_bench(((128, 28, 28, 32), (128, 14, 14, 64))),
         mesh=(_case((MESH_BATCH, 4, 3)),),
+        layouts=(Layout("model", _case((MESH_BATCH, 3, 8)), (("data", None, "model"),),
+                        out=("data", None, "model")),),
     ),
     Grid(
         gelu_op,
@@ -34,6 +36,8 @@ GRIDS = [
                *_bench(((16, 512, 768),), normal, "-erf", approximate=False)),
         mesh=(_case((MESH_BATCH, 4, 3), normal, "-tanh", approximate=True),
               _case((MESH_BATCH, 5), normal, "-erf", approximate=False)),
+        layouts=(Layout("model", _case((MESH_BATCH, 3, 8), normal, "-tanh", approximate=True),
+                        (("data", None, "model"),), out=("data", None, "model")),),
     ),
     Grid(
         silu_op,
@@ -41,5 +45,7 @@ GRIDS = [
         representative=("2x3x4",),
         bench=_bench(((16, 512, 768),), normal),
         mesh=(_case((MESH_BATCH, 4, 3), normal),),
+        layouts=(Layout("model", _case((MESH_BATCH, 3, 8), normal), (("data", None, "model"),),
+                        out=("data", None, "model")),),
     ),
 ]

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 from jlayers.batch_norm import batch_norm_inference_op, batch_norm_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 # (x shape, feature axis)
 _LAYOUTS = (((6, 3), -1), ((6, 3), 0), ((2, 4, 4, 3), -1), ((2, 3, 4, 5), 1),
@@ -51,6 +51,8 @@ GRIDS = [
         bench=tuple(Case("x".join(map(str, s)), _bench(s), diff=(0, 1, 2))
                     for s in _BENCH_SHAPES),
         mesh=(_train_case((MESH_BATCH, 3, 3, 4), -1, 1e-5), _train_case((MESH_BATCH, 4, 5), 1, 0.1)),
+        layouts=(Layout("fsdp", _train_case((MESH_BATCH, 3, 3, 4), -1, 1e-5),
+                        (("data",), ("data",), ("data",)), gathered=(1, 2), out=("data",)),),
     ),
     Grid(
         batch_norm_inference_op,

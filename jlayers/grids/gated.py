@@ -2,7 +2,7 @@
 included, both differentiable."""
 
 from jlayers.gated import geglu_op, swiglu_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 _SHAPES = ((7,), (3, 5), (2, 3, 4), ())
 
@@ -24,6 +24,8 @@ GRIDS = [
         representative=("2x3x4",),
         bench=(_case(_BENCH),),
         mesh=(_case((MESH_BATCH, 4, 3)),),
+        layouts=(Layout("model", _case((MESH_BATCH, 3, 8)), (("data", None, "model"),) * 2,
+                        out=("data", None, "model")),),
     ),
     Grid(
         geglu_op,

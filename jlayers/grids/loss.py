@@ -14,7 +14,7 @@ import numpy as np
 
 from jlayers.loss import softmax_cross_entropy_with_integer_labels_op
 from jlayers.loss_soft_labels import softmax_cross_entropy_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _examples(shape, axis):
@@ -107,6 +107,8 @@ GRIDS = [
          _int_case((2, 5, 3), axis=1, kind="classmask", smoothing=0.2)),
         representative=("4x5-classmask-ls0.1", "2x3x5-where"),
         bench=(Case("128x10", _bench_int),),
+        layouts=(Layout("vocab", _int_case((MESH_BATCH, 2, 8), smoothing=0.1),
+                        (("data", None, "model"), ("data",)), out=("data",)),),
         mesh=(_int_case((MESH_BATCH, 5)), _int_case((MESH_BATCH, 2, 5), smoothing=0.1),
               _int_case((MESH_BATCH, 5), kind="classmask")),
     ),
@@ -119,6 +121,8 @@ GRIDS = [
          _prob_case((5, 4), axis=0), _prob_case((2, 5, 3), axis=1, kind="classmask")),
         representative=("4x5-classmask", "2x3x5-where"),
         bench=(Case("128x10", _bench_prob, diff=(0, 1), batched=(0, 1)),),
+        layouts=(Layout("vocab", _prob_case((MESH_BATCH, 2, 8)),
+                        (("data", None, "model"),) * 2, out=("data",)),),
         mesh=(_prob_case((MESH_BATCH, 5)), _prob_case((MESH_BATCH, 2, 5)),
               _prob_case((MESH_BATCH, 5), kind="where")),
     ),

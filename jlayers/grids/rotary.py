@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlayers.rotary import rotary_embedding_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _scaled_frequencies(r):
@@ -49,6 +49,8 @@ GRIDS = [
         bench=(Case("16x512x8x64",
                     lambda rng, dtype: (normal(rng, (16, 512, 8, 64), dtype),
                                         jnp.arange(512, dtype=jnp.int32))),),
+        layouts=(Layout("heads", _case(MESH_BATCH, 3, 4, 6), (("data", None, "model"), ()),
+                        out=("data", None, "model")),),
         mesh=(_case(MESH_BATCH, 3, 2, 6),
               _case(MESH_BATCH, 4, 2, 8, per_row=True, suffix="-rot4-interleaved",
                     rotary_dim=4, interleaved=True)),

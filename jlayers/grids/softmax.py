@@ -8,7 +8,7 @@ counts as agreement.)
 import numpy as np
 
 from jlayers.softmax import log_softmax_op, softmax_op
-from jlayers.testing import MESH_BATCH, Case, Grid, normal
+from jlayers.testing import MESH_BATCH, Case, Grid, Layout, normal
 
 
 def _mask(x_shape, kind, shape=None):
@@ -58,8 +58,12 @@ _BENCH = (_case((16, 512, 768), scale=1.0),)
 GRIDS = [
     Grid(softmax_op, _cases(),
          representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
-         bench=_BENCH, mesh=(_mesh("row"),)),
+         bench=_BENCH, mesh=(_mesh("row"),),
+         layouts=(Layout("vocab", _case((MESH_BATCH, 2, 8)), (("data", None, "model"),),
+                         out=("data", None, "model")),)),
     Grid(log_softmax_op, _cases(),
          representative=("2x3x4x5-where2x1x4x5", "3x4x5-axis1,2-where"),
-         bench=_BENCH, mesh=(_mesh("pattern"),)),
+         bench=_BENCH, mesh=(_mesh("pattern"),),
+         layouts=(Layout("vocab", _case((MESH_BATCH, 2, 8)), (("data", None, "model"),),
+                         out=("data", None, "model")),)),
 ]
