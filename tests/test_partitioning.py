@@ -79,3 +79,18 @@ def test_init_sharded_needs_a_mesh():
   with pytest.raises(ValueError, match="no mesh"):
     partitioning.init_sharded(_GPT, jax.random.key(0), (1, 8), rules=partitioning.FSDP,
                               input_dtype=jnp.int32)
+
+
+def test_linear_out_sharding_and_model_parallel_reject_bad_input():
+  x, w = jnp.ones((2, 3)), jnp.ones((3, 4))
+  with pytest.raises(TypeError, match="out_sharding must be None, a jax.sharding.PartitionSpec"):
+    jlayers.linear(x, w, out_sharding="data")
+  with pytest.raises(ValueError, match=r"out_sharding must have at most 2 entries"):
+    jlayers.linear(x, w, out_sharding=P("data", None, None))
+  with pytest.raises(ValueError, match=r"out_sharding must have at most 2 entries"):
+    jax.jit(lambda x, w: jlayers.linear(x, w, out_sharding=P("data", None, None)))(x, w)
+  assert jlayers.linear(x, w, out_sharding=P("data")).shape == (2, 4)  # no mesh: a no-op
+  with pytest.raises(ValueError, match="model must be a positive int, got 0"):
+    jlayers.ModelParallel(1, 0, partitioning.FSDP)
+  with pytest.raises(ValueError, match="a 4 x 4 mesh needs 16 devices"):
+    jlayers.ModelParallel(4, 4, partitioning.FSDP)
