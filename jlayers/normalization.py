@@ -32,7 +32,6 @@ class _Config(NamedTuple):
   eps: float
   param_shape: tuple[int, ...]  # the shape of scale and offset
   offset: Any  # the offset's dtype, None without an offset
-  layouts: Any = None  # (scale's, offset's) sharding where the types carry them
 
 
 def _param(op, name, v, x, axes, what):
@@ -40,12 +39,9 @@ def _param(op, name, v, x, axes, what):
     return None
   v = _checks.floating(op, name, v)
   _checks.shape(op, name, v, tuple(x.shape[a] for a in axes), what)
-  return v
-
-
-def _with_layouts(config, scale, offset):
-  layouts = tuple(None if v is None else _sharding.like(v) for v in (scale, offset))
-  return config._replace(layouts=layouts) if any(layouts) else config
+  # Laid out as x's axes ``axes`` on a mesh (a vector split otherwise, as FSDP splits it, is
+  # gathered); the reshard's transpose lays the rule's gradient out as the parameter again.
+  return _sharding.reshard_like(v, x, axes=axes)
 
 
 def _layer_config(op, x, scale, offset, axis, eps, centered):
@@ -58,7 +54,7 @@ def _layer_config(op, x, scale, offset, axis, eps, centered):
   offset = _param(op, "offset", offset, x, axes, what)
   config = _Config(tuple(x.shape), axes, axes, centered, eps, tuple(x.shape[a] for a in axes),
                    None if offset is None else offset.dtype)
-  return x, scale, offset, _with_layouts(config, scale, offset)
+  return x, scale, offset, config
 
 
 def layer_norm(x: jax.Array, scale: jax.Array | None = None, offset: jax.Array | None = None,
@@ -146,7 +142,7 @@ def _group_config(x, scale, offset, groups, axis, eps):
   reduced = tuple(a for a in range(len(view)) if a not in (0, axis))
   config = _Config(view, reduced, (axis, axis + 1), True, eps, (channels,),
                    None if offset is None else offset.dtype)
-  return x, scale, offset, _with_layouts(config, scale, offset)
+  return x, scale, offset, config
 
 
 def group_norm(x: jax.Array, scale: jax.Array | None, offset: jax.Array | None, *,
@@ -190,12 +186,10 @@ def group_norm(x: jax.Array, scale: jax.Array | None, offset: jax.Array | None, 
 # The shared rule.
 
 
-def _broadcast(config, v, dtype, xv):
-  """A ``scale``/``offset`` vector shaped to broadcast against ``xv``, the view of ``x``, and
-  split over devices as ``xv``'s axes are (a parameter split otherwise, as FSDP splits it, is
-  gathered; one split as ``x``'s features stays where it is)."""
+def _broadcast(config, v, dtype):
+  """A ``scale``/``offset`` vector laid out to broadcast against the view of ``x``."""
   shape = tuple(n if a in config.param_axes else 1 for a, n in enumerate(config.view))
-  return _sharding.reshard_like(v.astype(dtype).reshape(shape), xv)
+  return v.astype(dtype).reshape(shape)
 
 
 def _standardize_view(config, x):
@@ -209,9 +203,9 @@ def _standardize_view(config, x):
 def _affine(config, x, xhat, scale, offset):
   y = xhat
   if scale is not None:
-    y = y * _broadcast(config, scale, xhat.dtype, xhat)
+    y = y * _broadcast(config, scale, xhat.dtype)
   if offset is not None:
-    y = y + _broadcast(config, offset, xhat.dtype, xhat)
+    y = y + _broadcast(config, offset, xhat.dtype)
   return y.reshape(x.shape).astype(x.dtype)
 
 
@@ -278,7 +272,7 @@ def _normalize_bwd(config, res, g):
   xv = x.astype(cdt).reshape(config.view)
   centred = xv - mean if config.centered else xv
   gy = g.astype(cdt).reshape(config.view)
-  gamma = None if scale is None else _broadcast(config, scale, cdt, gy)
+  gamma = None if scale is None else _broadcast(config, scale, cdt)
   ghat = gy if gamma is None else gy * gamma
   n = _standardize.count(xv, config.axes)
   outer = tuple(a for a in range(xv.ndim) if a not in config.param_axes)
@@ -304,9 +298,6 @@ def _normalize_bwd(config, res, g):
     doffset = None if config.offset is None else param_grad(s1, per_channel, config.offset)
   dx = _standardize.standardized_grad(ghat, centred, rstd, n, v_is_xhat=False,
                                       axes=config.axes, sums=sums, centered=config.centered)
-  if config.layouts is not None:  # each gradient laid out as its parameter
-    dscale, doffset = (None if d is None else _sharding.reshard_to(d, layout)
-                       for d, layout in zip((dscale, doffset), config.layouts))
   return dx.reshape(x.shape).astype(x.dtype), dscale, doffset
 
 

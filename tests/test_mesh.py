@@ -27,6 +27,13 @@ def _section(report, name):
   return section
 
 
+def _row(report, name, **match):
+  """The one row of section ``name`` whose entries equal ``match``."""
+  rows = [r for r in _section(report, name) if all(r[k] == v for k, v in match.items())]
+  assert len(rows) == 1, (name, match, len(rows))
+  return rows[0]
+
+
 ROWS = [pytest.param(grid.name, case.id, form, impl, mode,
                      id=f"{grid.name}-{case.id}-{form}-{impl}-{mode}")
         for grid in GRIDS.values() for case in grid.mesh
@@ -47,11 +54,7 @@ def test_rule_on_a_batch_split_over_eight_devices(report, op, case, form, impl, 
   The twin's grouped convolution is XLA's partitioning, not a rule: it gathers the batch
   (``feature_group_count > 1``), which is why the manual rule runs grouped convolutions per
   device. Its count is reported, not asserted."""
-  rows = [r for r in _section(report, "ops")
-          if (r["op"], r["case"], r["formulation"], r["impl"], r["mode"]) == (
-              op, case, form, impl, mode)]
-  assert len(rows) == 1
-  row = rows[0]
+  row = _row(report, "ops", op=op, case=case, formulation=form, impl=impl, mode=mode)
   assert row["compiles"], row.get("error")
   assert row["rel_err"] <= REL_TOL, row
   if impl == "manual":
@@ -73,10 +76,7 @@ def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout
   need: no whole argument but those the layout gathers (FSDP's weights), nothing with the
   global batch (for a vocabulary-parallel cross-entropy, under explicit axes only: auto axes
   hide ``w``'s layout from the rule, which then gathers ``w``)."""
-  rows = [r for r in _section(report, "layouts")
-          if (r["op"], r["layout"], r["impl"], r["mode"]) == (op, layout, impl, mode)]
-  assert len(rows) == 1
-  row = rows[0]
+  row = _row(report, "layouts", op=op, layout=layout, impl=impl, mode=mode)
   assert row["compiles"], row.get("error")
   assert row["rel_err"] <= REL_TOL, row
   assert row["laid_out"], row
@@ -99,10 +99,7 @@ def test_losses_take_labels_and_masks_in_any_sharding(report, loss, impl, mode, 
   constants closed over: value and gradient compile and equal the one-device result, and the
   manual rules gather nothing of the batch's size, except the gradient of replicated
   probability labels, which is replicated as they are."""
-  rows = [r for r in _section(report, "loss_layouts")
-          if (r["loss"], r["impl"], r["mode"], r["layout"]) == (loss, impl, mode, layout)]
-  assert len(rows) == 1
-  row = rows[0]
+  row = _row(report, "loss_layouts", loss=loss, impl=impl, mode=mode, layout=layout)
   assert row["compiles"], row.get("error")
   assert row["rel_err"] <= REL_TOL, row
   if impl == "manual" and (loss, layout) != ("softmax_cross_entropy", "replicated"):
@@ -172,8 +169,7 @@ def test_generation_with_the_batch_split_equals_one_device(report, options, mode
   sampling with an end-of-sequence id) with the prompts split over 8 devices: the same tokens
   and lengths as one device, logits within 1e-5, and no gather of any kind (each device writes
   and reads its own rows of the cache)."""
-  (row,) = [r for r in _section(report, "generation")
-            if r["options"] == options and r["mode"] == mode]
+  row = _row(report, "generation", options=options, mode=mode)
   assert row["compiles"], row.get("error")
   assert row["tokens_equal"], row
   assert row["rel_err"] <= REL_TOL, row
