@@ -52,9 +52,9 @@ def reshard_apart(w, x):
   Elsewhere ``w`` as it is."""
   if not explicit(w):
     return w
-  batch = set(_names(_full_spec(x)[0])) if x.ndim else set()
+  batch = _full_spec(x)[:1] if x.ndim else ()
   spec = _full_spec(w)
-  kept = tuple(None if set(_names(e)) & batch else e for e in spec)
+  kept = tuple(free(e, batch) for e in spec)
   return w if kept == spec else jax.sharding.reshard(w, P(*kept))
 
 
@@ -113,6 +113,14 @@ def reshard_to(a, sharding):
   return jax.sharding.reshard(a, sharding.spec)
 
 
+def free(entry, taken):
+  """The partition-spec ``entry`` for a new axis of an array whose other axes have the entries
+  ``taken``: ``None`` (unsplit) where one of its mesh axes is taken already (an FSDP weight's
+  axis split over the batch's mesh axis), else ``entry``."""
+  used = {n for e in taken for n in _names(e)}
+  return None if used.intersection(_names(entry)) else entry
+
+
 def entries(sharding) -> tuple:
   """The entries of a ``PartitionSpec`` or of a ``NamedSharding``'s spec."""
   return tuple(getattr(sharding, "spec", sharding))
@@ -124,11 +132,7 @@ def product_layout(x, w):
   unless a leading axis already uses that mesh axis (then ``out`` is unsplit). A contraction
   over an ``in`` split alike on both sides is summed across its mesh axis (row-parallel)."""
   lead = _full_spec(x)[:-1]
-  out = _full_spec(w)[1]
-  used = {n for e in lead for n in _names(e)}
-  if any(n in used for n in _names(out)):
-    out = None
-  return P(*lead, out)
+  return P(*lead, free(_full_spec(w)[1], lead))
 
 
 def replicated_like(x):
@@ -144,10 +148,7 @@ def lookup(ids, table_sharding):
     return None
   lead = _full_spec(ids)
   features = None if table_sharding is None else (tuple(table_sharding.spec)[1:2] or (None,))[0]
-  used = {n for e in lead for n in _names(e)}
-  if any(n in used for n in _names(features)):  # FSDP: features split over the batch's axis
-    features = None
-  return NamedSharding(jax.typeof(ids).sharding.mesh, P(*lead, features))
+  return NamedSharding(jax.typeof(ids).sharding.mesh, P(*lead, free(features, lead)))
 
 
 def merged_spec(x, merges: tuple[int, ...]):

@@ -119,9 +119,7 @@ def _out_layout(layout, x, w):
   if not _sharding.explicit(x):
     return None
   batch = _sharding.entry(x, 0)
-  channels = _sharding.entry(w, 3 if layout == "NHWC" else 0)
-  if set(_sharding.axis_names(channels)) & set(_sharding.axis_names(batch)):
-    channels = None
+  channels = _sharding.free(_sharding.entry(w, 3 if layout == "NHWC" else 0), (batch,))
   return P(batch, None, None, channels) if layout == "NHWC" else P(batch, channels, None, None)
 
 
