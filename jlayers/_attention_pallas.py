@@ -1,24 +1,27 @@
 """Attention as Pallas kernels for GPUs (Triton: Ampere, Hopper, ROCm): a forward and two
 backward kernels, from the derivation and residuals of :mod:`jlayers.attention`.
 
-The forward is the same online softmax as the XLA blockwise form, written for the hardware:
-one program per (batch, query head, block of query rows) keeps its block of ``q`` and its
-running maximum ``m``, sum ``l`` and output accumulator in registers, and walks the key blocks
-its rows can see (up to the diagonal when causal; not past the row's valid keys), so that the
-whole forward is one kernel launch. It writes the output and the log-sum-exp ``L = m + log l``
-per row. The backward (:func:`backward`) recomputes each block's probabilities from ``L``: one
-kernel per key block for ``dK``, ``dV``, one per query block for ``dQ``.
+The forward is the XLA form's online softmax written for the hardware: one program per
+(batch, query head, block of query rows) keeps its block of ``q``, its running maximum ``m``,
+sum ``l`` and output accumulator in registers and walks the key blocks its rows can see
+(:func:`jlayers._attention_kernels.key_range`), so that the whole forward is one launch. It
+writes the output (float32) and the log-sum-exp ``L = m + log l`` per row. The backward
+(:func:`backward`) recomputes each block's probabilities from ``L``: one program per (batch,
+key/value head, key block) sums ``dK``, ``dV`` over the group's query heads and the query
+blocks that see it (so grouped heads need no atomics), one per (batch, query head, query
+block) sums ``dQ`` over its key blocks and writes the bias's gradient block by block.
 
-Not yet wired into :func:`jlayers.dot_product_attention` (which runs the XLA blockwise rule on
-every platform): the tests prove the kernels in interpret mode against the twin and its
-autodiff, and lower them for ``cuda`` and ``rocm``. Options so far: grouped-query heads,
-causal, scale, soft cap, key/value sequence lengths.
+Triton's tensors have power-of-two shapes: blocks are powers of two of at least 16, ``T``
+and ``S`` are padded to whole blocks (padded keys lie past every key length, padded rows are
+dropped), and ``H`` to a power of two with zero features. A bias or mask broadcast along a
+dimension is read as a block of size 1 there; a bias's gradient is written per (batch, head),
+per query block where it broadcasts along queries, and summed over its broadcast dimensions
+afterwards.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,256 +29,300 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-BLOCK_Q = 64
-BLOCK_K = 64
+from jlayers import _attention_kernels as _k
+
+_ORDER = ("q_seg", "kv_seg", "mask", "bias", "sinks")
 
 
-def _kernel(q_ref, k_ref, v_ref, lengths_ref, o_ref, lse_ref, *, scale, causal, soft_cap,
-            block_q, block_k, seq_k):
-  """One (batch, head, query block): ``q_ref [bq, H]``, ``k_ref``/``v_ref [S, H]`` (the block's
-  key/value head), ``lengths_ref [1]`` (the batch row's valid keys); writes ``o_ref [bq, H]``
-  and ``lse_ref [bq]``."""
+def _load(ref, *index):
+  """``ref[index]`` where an axis of size 1 (a broadcast mask or bias) is read whole."""
+  index = tuple(ix if ref.shape[a] != 1 else
+                (slice(None) if isinstance(ix, (slice, pl.Slice)) else 0)
+                for a, ix in enumerate(index))
+  return ref[index]
+
+
+def _unpack(refs, spec, ops):
+  names = [name for name in _ORDER if getattr(ops, name) is not None]
+  return dict(zip(names, refs[:len(names)])), refs[len(names):]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, *refs, spec, ops):
+  """One (batch, query head, query block): ``q_ref [bq, H]``, ``k_ref``, ``v_ref [Sp, H]``;
+  writes ``o_ref [bq, H]`` and ``lse_ref [bq]``."""
+  opt, (o_ref, lse_ref) = _unpack(refs, spec, ops)
   i = pl.program_id(2)
-  f32 = lse_ref.dtype  # float32, or float64 for float64 inputs (the interpret-mode proof)
-  q = q_ref[...].astype(f32)
-  h = q.shape[-1]
-  valid_k = lengths_ref[0]
-  rows = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  bq, bk = spec.block_q, spec.block_k
+  acc = lse_ref.dtype  # float32, or float64 for float64 inputs (the interpret-mode proof)
+  q = q_ref[...].astype(acc)
+  q_len, kv_len = q_len_ref[0], kv_len_ref[0]
+  rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  q_seg = opt["q_seg"][...].reshape(bq, 1) if spec.segments else None
 
   def step(j, carry):
-    m, l, acc = carry
-    start = j * block_k
-    k = k_ref[pl.ds(start, block_k), :].astype(f32)
-    v = v_ref[pl.ds(start, block_k), :].astype(f32)
-    s = jnp.dot(q, k.T, preferred_element_type=f32) * scale
-    if soft_cap is not None:
-      s = soft_cap * jnp.tanh(s / soft_cap)
-    cols = start + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    seen = cols < valid_k
-    if causal:
-      seen &= cols <= rows
-    s = jnp.where(seen, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m, l, o = carry
+    keys = pl.ds(j * bk, bk)
+    cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    bias = _load(opt["bias"], slice(None), keys) if spec.bias else None
+    z, _ = _k.logits(spec, q, k_ref[keys, :].astype(acc), bias, acc)
+    seen = _k.visible(spec, rows, cols, q_len, kv_len, q_seg,
+                      opt["kv_seg"][keys].reshape(1, bk) if spec.segments else None,
+                      _load(opt["mask"], slice(None), keys) if spec.mask else None)
+    z = jnp.where(seen, z, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(z, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, jnp.zeros_like(m_new), m_new)
-    p = jnp.exp(s - m_safe[:, None])
+    p = jnp.exp(z - m_safe[:, None])
     correction = jnp.exp(m - m_safe)
-    l = correction * l + jnp.sum(p, axis=1)
-    acc = correction[:, None] * acc + jnp.dot(p, v, preferred_element_type=f32)
-    return m_new, l, acc
+    o = correction[:, None] * o + jnp.dot(p, v_ref[keys, :].astype(acc),
+                                          preferred_element_type=acc)
+    return m_new, correction * l + jnp.sum(p, axis=1), o
 
-  # The key blocks these rows can see: up to the diagonal when causal, and to the valid keys.
-  last = jnp.minimum(valid_k, seq_k)
-  if causal:
-    last = jnp.minimum(last, (i + 1) * block_q)
-  blocks = (last + block_k - 1) // block_k
-  init = (jnp.full((block_q,), -jnp.inf, f32), jnp.zeros((block_q,), f32),
-          jnp.zeros((block_q, h), f32))
-  m, l, acc = lax.fori_loop(0, blocks, step, init)
+  # A sink is a first "key" with score σ and no value: running maximum σ, sum e^{σ−σ} = 1.
+  row = jnp.zeros((bq,), acc)
+  m, l = (row - jnp.inf, row) if not spec.sinks else (row + opt["sinks"][0], row + 1)
+  lo, end = _k.key_range(spec, i, q_len, kv_len)
+  m, l, o = lax.fori_loop(lo, end, step, (m, l, jnp.zeros(q.shape, acc)))
   seen = l > 0
   one = jnp.ones_like(l)
-  o_ref[...] = (acc / jnp.where(seen, l, one)[:, None]).astype(o_ref.dtype)
+  o_ref[...] = (o / jnp.where(seen, l, one)[:, None]).astype(o_ref.dtype)
   m_safe = jnp.where(m == -jnp.inf, jnp.zeros_like(m), m)
-  lse_ref[...] = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, one)),
-                           jnp.full_like(m, -jnp.inf))
+  lse_ref[...] = jnp.where(seen, m_safe + jnp.log(jnp.where(seen, l, one)), row - jnp.inf)
 
 
-def forward(q, k, v, *, causal: bool = False, scale: float | None = None,
-            logits_soft_cap: float | None = None, key_value_seq_lengths=None,
-            block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False,
-            num_warps: int = 4, num_stages: int = 2):
-  """The attention output ``[B, T, N, H]`` (``q``'s dtype) and log-sum-exp ``[B, N, T]``
-  (float32, float64 for float64 inputs; ``-inf`` for a row that sees no key) of
-  ``q [B, T, N, H]`` against ``k``, ``v`` ``[B, S, K, H]`` (``K`` divides ``N``), by the
-  Pallas kernel.
+def _heads(q, k, v, *rest, spec):
+  """Head-major, padded to whole blocks and to a power-of-two head size of at least 16:
+  ``q`` (and the ``rest``, shaped as ``q``) as ``[B, N, Tp, Hp]``, ``k``, ``v`` as
+  ``[B, K, Sp, Hp]``."""
+  h = q.shape[3]
+  hp = max(16, 1 << (h - 1).bit_length())
+  tp, sp = _k.round_up(spec.t, spec.block_q), _k.round_up(spec.s, spec.block_k)
 
-  ``T`` and ``S`` are padded to whole blocks (padded keys are never seen: they lie past every
-  row's valid length; padded rows are dropped). ``interpret=True`` runs the kernel on any
-  backend (the tests' proof on a CPU).
-  """
+  def padded(a, length):
+    return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, hp - h))).transpose(
+        0, 2, 1, 3)
+
+  return ((padded(q, tp), padded(k, sp), padded(v, sp)) +
+          tuple(padded(a, tp) for a in rest))
+
+
+def _pair_spec(full, shape_full, index_full):
+  """A BlockSpec of a mask or bias ``[Bx, Nx, Tx, Sx]``: per dimension the block of the full
+  form (``shape_full``, ``index_full(grid…)``; ``None`` squeezes it), or 1 and index 0 where
+  it broadcasts."""
+  shape = tuple(None if s is None else (s if f else 1) for s, f in zip(shape_full, full))
+
+  def index(*grid):
+    return tuple(ix if f else 0 for ix, f in zip(index_full(*grid), full))
+
+  return pl.BlockSpec(shape, index)
+
+
+def _params(spec, q):
+  warps = 4 if q.shape[3] <= 64 else 8
+  return plt.CompilerParams(num_warps=warps, num_stages=2)
+
+
+def _per_row(spec, ops, b_axis, head_index, head_block, i_index, key_block):
+  """in_specs of the optional operands, in :data:`_ORDER`."""
+  specs = []
+  tp = _k.round_up(spec.t, spec.block_q)
+  if ops.q_seg is not None:
+    q_rows = spec.block_q if i_index is not None else tp
+    specs += [pl.BlockSpec((None, q_rows), lambda *g: (g[b_axis], i_index(*g) if i_index else 0)),
+              pl.BlockSpec((None, key_block[0]),
+                           lambda *g: (g[b_axis], key_block[1](*g) if key_block[1] else 0))]
+  for name in ("mask", "bias"):
+    if getattr(ops, name) is not None:
+      full = getattr(spec, name)
+      specs.append(_pair_spec(
+          full, (None, head_block, spec.block_q if i_index else tp, key_block[0]),
+          lambda *g: (g[b_axis], head_index(*g), i_index(*g) if i_index else 0,
+                      key_block[1](*g) if key_block[1] else 0)))
+  if ops.sinks is not None:
+    specs.append(pl.BlockSpec((1,), lambda *g: (head_index(*g),)))
+  return specs
+
+
+def _optional(ops):
+  return [a for a in (getattr(ops, name) for name in _ORDER) if a is not None]
+
+
+def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
+  """The attention output ``[B, T, N, H]`` and log-sum-exp ``[B, N, T]`` (both float32, or
+  float64 for float64 inputs; ``L = -inf`` for a row that sees no key and has no sink) of
+  ``q [B, T, N, H]`` against ``k``, ``v`` ``[B, S, K, H]``, by one kernel launch."""
   b, t, n, h = q.shape
-  s, heads = k.shape[1], k.shape[2]
-  group = n // heads
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  acc = jnp.dtype(jnp.float64) if q.dtype == jnp.float64 else jnp.dtype(jnp.float32)
-  block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-  block_k = min(block_k, max(16, pl.next_power_of_2(s)))
-  tp, sp = pl.cdiv(t, block_q) * block_q, pl.cdiv(s, block_k) * block_k
-  lengths = (jnp.full((b,), s, jnp.int32) if key_value_seq_lengths is None
-             else jnp.minimum(jnp.asarray(key_value_seq_lengths, jnp.int32), s))
-  qh = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # [B, N, Tp, H]
-  kh, vh = (jnp.pad(a, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-            for a in (k, v))  # [B, K, Sp, H]
-  kernel = functools.partial(_kernel, scale=scale, causal=causal, soft_cap=logits_soft_cap,
-                             block_q=block_q, block_k=block_k, seq_k=s)
+  acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+  qh, kh, vh = _heads(q, k, v, spec=spec)
+  tp, sp, hp = qh.shape[2], kh.shape[2], qh.shape[3]
+  bq, group = spec.block_q, spec.group
+  rows = pl.BlockSpec((None, None, bq, hp), lambda bi, ni, i: (bi, ni, i, 0))
+  keys = pl.BlockSpec((None, None, sp, hp), lambda bi, ni, i: (bi, _k.div(ni, group), 0, 0))
+  per_batch = pl.BlockSpec((1,), lambda bi, ni, i: (bi,))
   out, lse = pl.pallas_call(
-      kernel,
-      grid=(b, n, tp // block_q),
-      in_specs=[
-          pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i: (bi, ni, i, 0)),
-          pl.BlockSpec((None, None, sp, h), lambda bi, ni, i: (bi, ni // group, 0, 0)),
-          pl.BlockSpec((None, None, sp, h), lambda bi, ni, i: (bi, ni // group, 0, 0)),
-          pl.BlockSpec((1,), lambda bi, ni, i: (bi,)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i: (bi, ni, i, 0)),
-          pl.BlockSpec((None, None, block_q), lambda bi, ni, i: (bi, ni, i)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, n, tp, h), q.dtype),
-                 jax.ShapeDtypeStruct((b, n, tp), acc)],
-      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-  )(qh, kh, vh, lengths)
-  return out[:, :, :t].transpose(0, 2, 1, 3), lse[:, :, :t]
+      functools.partial(_forward_kernel, spec=spec, ops=ops),
+      grid=(b, n, tp // bq),
+      in_specs=[rows, keys, keys, per_batch, per_batch] + _per_row(
+          spec, ops, 0, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
+      out_specs=[rows, pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i))],
+      out_shape=[jax.ShapeDtypeStruct((b, n, tp, hp), acc), jax.ShapeDtypeStruct((b, n, tp), acc)],
+      compiler_params=_params(spec, qh), interpret=interpret,
+  )(qh, kh, vh, ops.q_len, ops.kv_len, *_optional(ops))
+  return out[:, :, :t, :h].transpose(0, 2, 1, 3), lse[:, :, :t]
 
 
-
-def _probabilities(q, k, lse, rows, cols, valid_k, *, scale, causal, soft_cap):
-  """``(P, tanh or None)`` of one block: ``P = exp(z − L)`` where the entry is seen (0 where it
-  is not, or where the row sees no key: ``L = −inf``), ``z`` the (soft-capped) scaled score."""
-  z = jnp.dot(q, k.T, preferred_element_type=q.dtype) * scale
-  tanh = None
-  if soft_cap is not None:
-    tanh = jnp.tanh(z / soft_cap)
-    z = soft_cap * tanh
-  seen = (cols < valid_k) & jnp.isfinite(lse)[:, None]
-  if causal:
-    seen &= cols <= rows
-  safe = jnp.where(jnp.isfinite(lse), lse, jnp.zeros_like(lse))[:, None]
-  return jnp.where(seen, jnp.exp(z - safe), jnp.zeros_like(z)), tanh
-
-
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dk_ref, dv_ref,
-                *, scale, causal, soft_cap, block_q, block_k, q_blocks, group):
-  """One (batch, key/value head, key block): ``dK``, ``dV`` of its keys, summed over the
-  ``group`` query heads that share them and the query blocks that see them (from the first
-  block holding a row at or after the keys, when causal)."""
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_len_ref, *refs,
+                spec, ops):
+  """One (batch, key/value head, key block): ``dK``, ``dV`` of its keys summed over the
+  group's query heads and the query blocks that see them."""
+  opt, (dk_ref, dv_ref) = _unpack(refs, spec, ops)
   j = pl.program_id(2)
-  f32 = lse_ref.dtype
-  k, v = k_ref[...].astype(f32), v_ref[...].astype(f32)
-  cols = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-  first = (j * block_k) // block_q if causal else 0
-  blocks = q_blocks - first
+  bq, bk = spec.block_q, spec.block_k
+  acc = lse_ref.dtype
+  k, v = k_ref[...].astype(acc), v_ref[...].astype(acc)
+  q_len, kv_len = q_len_ref[0], kv_len_ref[0]
+  cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  kv_seg = opt["kv_seg"][...].reshape(1, bk) if spec.segments else None
+  lo, end = _k.query_range(spec, j, q_len, kv_len)
+  count = end - lo
 
-  def step(n, carry):
+  def step(x, carry):
     dk, dv = carry
-    g, qi = n // blocks, first + n % blocks
-    rows = pl.ds(qi * block_q, block_q)
-    q, do = q_ref[g, rows, :].astype(f32), do_ref[g, rows, :].astype(f32)
-    row = qi * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
-    p, tanh = _probabilities(q, k, lse_ref[g, rows], row, cols, lengths_ref[0], scale=scale,
-                             causal=causal, soft_cap=soft_cap)
-    dv = dv + jnp.dot(p.T, do, preferred_element_type=f32)
-    ds = p * (jnp.dot(do, v.T, preferred_element_type=f32) - delta_ref[g, rows][:, None])
-    if tanh is not None:
-      ds = ds * (1 - tanh * tanh)
-    return dk + jnp.dot(ds.T, q, preferred_element_type=f32) * scale, dv
+    g, i = _k.div(x, count), lo + _k.rem(x, count)
+    rows_ix = pl.ds(i * bq, bq)
+    q, do = q_ref[g, rows_ix, :].astype(acc), do_ref[g, rows_ix, :].astype(acc)
+    rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    bias = _load(opt["bias"], g, rows_ix, slice(None)) if spec.bias else None
+    z, tanh = _k.logits(spec, q, k, bias, acc)
+    seen = _k.visible(spec, rows, cols, q_len, kv_len,
+                      opt["q_seg"][rows_ix].reshape(bq, 1) if spec.segments else None, kv_seg,
+                      _load(opt["mask"], g, rows_ix, slice(None)) if spec.mask else None)
+    p = _k.probabilities(z, seen, lse_ref[g, rows_ix][:, None])
+    dv = dv + jnp.dot(p.T, do, preferred_element_type=acc)
+    dp = jnp.dot(do, v.T, preferred_element_type=acc)
+    dz = _k.score_gradient(p, dp, delta_ref[g, rows_ix][:, None], tanh)
+    return dk + jnp.dot(dz.T, q, preferred_element_type=acc) * spec.scale, dv
 
-  zeros = jnp.zeros(k.shape, f32)
-  dk, dv = lax.fori_loop(0, group * blocks, step, (zeros, zeros))
+  zeros = jnp.zeros(k.shape, acc)
+  dk, dv = lax.fori_loop(0, spec.group * count, step, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, lengths_ref, dq_ref, *, scale,
-               causal, soft_cap, block_q, block_k, seq_k):
-  """One (batch, query head, query block): ``dQ`` of its rows over the key blocks they see."""
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_len_ref, *refs,
+               spec, ops):
+  """One (batch, query head, query block): ``dQ`` of its rows over the key blocks they see,
+  and the bias's gradient ``dz`` of those blocks (summed over rows or keys where the bias
+  broadcasts)."""
+  opt, outs = _unpack(refs, spec, ops)
+  dq_ref, db_ref = outs[0], (outs[1] if spec.bias else None)
   i = pl.program_id(2)
-  f32 = lse_ref.dtype
-  q, do = q_ref[...].astype(f32), do_ref[...].astype(f32)
-  lse, delta = lse_ref[...], delta_ref[...]
-  valid_k = lengths_ref[0]
-  rows = i * block_q + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+  bq, bk = spec.block_q, spec.block_k
+  acc = lse_ref.dtype
+  q, do = q_ref[...].astype(acc), do_ref[...].astype(acc)
+  lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+  q_len, kv_len = q_len_ref[0], kv_len_ref[0]
+  rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  q_seg = opt["q_seg"][...].reshape(bq, 1) if spec.segments else None
+  t_full, s_full = (spec.bias[2], spec.bias[3]) if spec.bias else (True, True)
 
-  def step(j, dq):
-    keys = pl.ds(j * block_k, block_k)
-    k, v = k_ref[keys, :].astype(f32), v_ref[keys, :].astype(f32)
-    cols = j * block_k + lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
-    p, tanh = _probabilities(q, k, lse, rows, cols, valid_k, scale=scale, causal=causal,
-                             soft_cap=soft_cap)
-    ds = p * (jnp.dot(do, v.T, preferred_element_type=f32) - delta[:, None])
-    if tanh is not None:
-      ds = ds * (1 - tanh * tanh)
-    return dq + jnp.dot(ds, k, preferred_element_type=f32) * scale
+  def db_block(dz):
+    return dz if t_full else jnp.sum(dz, axis=0, keepdims=True)
 
-  last = jnp.minimum(valid_k, seq_k)
-  if causal:
-    last = jnp.minimum(last, (i + 1) * block_q)
-  dq = lax.fori_loop(0, (last + block_k - 1) // block_k, step, jnp.zeros(q.shape, f32))
+  if spec.bias and s_full:  # blocks no row sees keep a zero gradient
+    zero = jnp.zeros((bq if t_full else 1, bk), db_ref.dtype)
+
+    def clear(j, _):
+      db_ref[:, pl.ds(j * bk, bk)] = zero
+      return 0
+
+    lax.fori_loop(0, db_ref.shape[1] // bk, clear, 0)
+
+  def step(j, carry):
+    dq, db = carry
+    keys = pl.ds(j * bk, bk)
+    k, v = k_ref[keys, :].astype(acc), v_ref[keys, :].astype(acc)
+    cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    bias = _load(opt["bias"], slice(None), keys) if spec.bias else None
+    z, tanh = _k.logits(spec, q, k, bias, acc)
+    seen = _k.visible(spec, rows, cols, q_len, kv_len, q_seg,
+                      opt["kv_seg"][keys].reshape(1, bk) if spec.segments else None,
+                      _load(opt["mask"], slice(None), keys) if spec.mask else None)
+    p = _k.probabilities(z, seen, lse)
+    dz = _k.score_gradient(p, jnp.dot(do, v.T, preferred_element_type=acc), delta, tanh)
+    if spec.bias and s_full:
+      db_ref[:, keys] = db_block(dz).astype(db_ref.dtype)
+    elif spec.bias:
+      db = db + jnp.sum(db_block(dz), axis=1, keepdims=True)
+    return dq + jnp.dot(dz, k, preferred_element_type=acc) * spec.scale, db
+
+  lo, end = _k.key_range(spec, i, q_len, kv_len)
+  db0 = jnp.zeros((bq if t_full else 1, 1), acc)
+  dq, db = lax.fori_loop(lo, end, step, (jnp.zeros(q.shape, acc), db0))
   dq_ref[...] = dq.astype(dq_ref.dtype)
+  if spec.bias and not s_full:
+    db_ref[...] = db.astype(db_ref.dtype)
 
 
-def _layouts(q, k, v, block_q, block_k):
-  """``q`` and ``k``, ``v`` head-major and padded to whole blocks: ``[B, N, Tp, H]``,
-  ``[B, K, Sp, H]``."""
-  t, s = q.shape[1], k.shape[1]
-  tp, sp = pl.cdiv(t, block_q) * block_q, pl.cdiv(s, block_k) * block_k
-  qh = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-  kh, vh = (jnp.pad(a, ((0, 0), (0, sp - s), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-            for a in (k, v))
-  return qh, kh, vh
-
-
-def backward(q, k, v, out, lse, d_out, *, causal: bool = False, scale: float | None = None,
-             logits_soft_cap: float | None = None, key_value_seq_lengths=None,
-             block_q: int = BLOCK_Q, block_k: int = BLOCK_K, interpret=False,
-             num_warps: int = 4, num_stages: int = 2):
-  r"""``(dQ, dK, dV)`` of attention for the output cotangent ``d_out [B, T, N, H]``, from the
-  forward's ``out`` and log-sum-exp ``lse [B, N, T]`` (:func:`forward`), by two kernels.
-
-  With ``P = exp(z − L)`` recomputed per block, ``z = c·tanh(s/c)`` (or ``s``), ``s = scale·q·kᵀ``
-  and ``D_i = Σ_h dO_ih O_ih`` (``= Σ_j P_ij dP_ij``):
-
-  .. math::
-    dV_j = Σ_i P_{ij} dO_i, \\quad dP_{ij} = dO_i · V_j, \\quad
-    dS_{ij} = P_{ij}(dP_{ij} − D_i)\\,(1 − \\tanh^2(s_{ij}/c)), \\quad
-    dK_j = scale Σ_i dS_{ij} Q_i, \\quad dQ_i = scale Σ_j dS_{ij} K_j
-
-  (the softmax Jacobian contracted with ``dP`` row by row, then the soft cap's chain factor).
-  One kernel per (batch, key/value head, key block) sums ``dK``, ``dV`` over the query heads of
-  its group and the query blocks that see the block; one per (batch, query head, query block)
-  sums ``dQ`` over the key blocks its rows see.
-  """
+def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
+  """``(dQ, dK, dV, dbias or None)`` (float32, float64 for float64 inputs; ``dbias`` shaped
+  as the bias) for the output cotangent ``d_out [B, T, N, H]``, from the forward's
+  log-sum-exp ``lse [B, N, T]`` and ``delta [B, N, T]`` (``δ_i = dO_i · O_i − \\bar L_i``),
+  by two kernel launches (derivation: :func:`jlayers.attention._attention_bwd`)."""
   b, t, n, h = q.shape
-  s, heads = k.shape[1], k.shape[2]
-  group = n // heads
-  scale = 1.0 / math.sqrt(h) if scale is None else float(scale)
-  block_q = min(block_q, max(16, pl.next_power_of_2(t)))
-  block_k = min(block_k, max(16, pl.next_power_of_2(s)))
+  heads, group = k.shape[2], spec.group
   acc = lse.dtype
-  lengths = (jnp.full((b,), s, jnp.int32) if key_value_seq_lengths is None
-             else jnp.minimum(jnp.asarray(key_value_seq_lengths, jnp.int32), s))
-  qh, kh, vh = _layouts(q, k, v, block_q, block_k)
-  doh = _layouts(d_out, k, v, block_q, block_k)[0]
-  tp, sp = qh.shape[2], kh.shape[2]
-  delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1).transpose(0, 2, 1)  # [B, N, T]
-  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, tp - t)))
+  bq, bk = spec.block_q, spec.block_k
+  qh, kh, vh, doh = _heads(q, k, v, d_out, spec=spec)
+  tp, sp, hp = qh.shape[2], kh.shape[2], qh.shape[3]
   lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=-jnp.inf)
-  options = {"scale": scale, "causal": causal, "soft_cap": logits_soft_cap,
-             "block_q": block_q, "block_k": block_k}
-  params = plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  group_rows = pl.BlockSpec((None, group, tp, h), lambda bi, ki, j: (bi, ki, 0, 0))
+  delta = jnp.pad(delta.astype(acc), ((0, 0), (0, 0), (0, tp - t)))
+  params = _params(spec, qh)
+  per_batch = pl.BlockSpec((1,), lambda bi, _, j: (bi,))
+  group_rows = pl.BlockSpec((None, group, tp, hp), lambda bi, ki, j: (bi, ki, 0, 0))
   group_stats = pl.BlockSpec((None, group, tp), lambda bi, ki, j: (bi, ki, 0))
-  key_block = pl.BlockSpec((None, None, block_k, h), lambda bi, ki, j: (bi, ki, j, 0))
+  key_block = pl.BlockSpec((None, None, bk, hp), lambda bi, ki, j: (bi, ki, j, 0))
+  kv_ops = ops._replace(sinks=None)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, q_blocks=tp // block_q, group=group, **options),
-      grid=(b, heads, sp // block_k),
+      functools.partial(_dkv_kernel, spec=spec, ops=kv_ops),
+      grid=(b, heads, sp // bk),
       in_specs=[group_rows, key_block, key_block, group_rows, group_stats, group_stats,
-                pl.BlockSpec((1,), lambda bi, ki, j: (bi,))],
+                per_batch, per_batch] + _per_row(
+          spec, kv_ops, 0, lambda bi, ki, j: ki, group, None, (bk, lambda bi, ki, j: j)),
       out_specs=[key_block, key_block],
-      out_shape=[jax.ShapeDtypeStruct(kh.shape, k.dtype), jax.ShapeDtypeStruct(vh.shape, v.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(kh.shape, acc)] * 2,
       compiler_params=params, interpret=interpret,
-  )(qh, kh, vh, doh, lse, delta, lengths)
-  query_block = pl.BlockSpec((None, None, block_q, h), lambda bi, ni, i: (bi, ni, i, 0))
-  all_keys = pl.BlockSpec((None, None, sp, h), lambda bi, ni, i: (bi, ni // group, 0, 0))
-  row_stats = pl.BlockSpec((None, None, block_q), lambda bi, ni, i: (bi, ni, i))
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, seq_k=s, **options),
-      grid=(b, n, tp // block_q),
-      in_specs=[query_block, all_keys, all_keys, query_block, row_stats, row_stats,
-                pl.BlockSpec((1,), lambda bi, ni, i: (bi,))],
-      out_specs=query_block,
-      out_shape=jax.ShapeDtypeStruct(qh.shape, q.dtype),
+  )(qh, kh, vh, doh, lse, delta, ops.q_len, ops.kv_len, *_optional(kv_ops))
+  rows = pl.BlockSpec((None, None, bq, hp), lambda bi, ni, i: (bi, ni, i, 0))
+  keys = pl.BlockSpec((None, None, sp, hp), lambda bi, ni, i: (bi, _k.div(ni, group), 0, 0))
+  stats = pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i))
+  out_specs, out_shape = [rows], [jax.ShapeDtypeStruct(qh.shape, acc)]
+  if spec.bias:
+    t_full, s_full = spec.bias[2], spec.bias[3]
+    out_specs.append(pl.BlockSpec((None, None, bq if t_full else 1, sp if s_full else 1),
+                                  lambda bi, ni, i: (bi, ni, i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct(
+        (b, n, tp if t_full else tp // bq, sp if s_full else 1), acc))
+  outs = pl.pallas_call(
+      functools.partial(_dq_kernel, spec=spec, ops=kv_ops),
+      grid=(b, n, tp // bq),
+      in_specs=[rows, keys, keys, rows, stats, stats, per_batch, per_batch] + _per_row(
+          spec, kv_ops, 0, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=params, interpret=interpret,
-  )(qh, kh, vh, doh, lse, delta, lengths)
-  unpad = lambda a, size: a[:, :, :size].transpose(0, 2, 1, 3)  # noqa: E731
-  return unpad(dq, t), unpad(dk, s), unpad(dv, s)
+  )(qh, kh, vh, doh, lse, delta, ops.q_len, ops.kv_len, *_optional(kv_ops))
+  unpad = lambda a, size: a[:, :, :size, :h].transpose(0, 2, 1, 3)  # noqa: E731
+  dbias = None
+  if spec.bias:
+    dbias = _bias_gradient(outs[1], ops.bias.shape, spec)
+  return unpad(outs[0], t), unpad(dk, spec.s), unpad(dv, spec.s), dbias
+
+
+def _bias_gradient(db, shape, spec):
+  """The kernel's per-(batch, head) bias gradient ``[B, N, Tx, Sx]`` summed to the bias's
+  own (padded) ``shape`` and unpadded to ``[Bb, Nb, Tb, Sb]``."""
+  if not spec.bias[2]:
+    db = jnp.sum(db, axis=2, keepdims=True)  # the query blocks' partial sums
+  axes = tuple(a for a in (0, 1) if not spec.bias[a])
+  db = jnp.sum(db, axis=axes, keepdims=True) if axes else db
+  return db[:, :, :spec.t if spec.bias[2] else 1, :spec.s if spec.bias[3] else 1]

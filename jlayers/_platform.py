@@ -31,8 +31,10 @@ def formulation(name: str) -> Iterator[None]:
   """Forces the formulation of the platform-dependent rules traced inside the block.
 
   Args:
-    name: ``"cpu"`` (the formulations tuned for XLA:CPU), ``"native"`` (XLA's own primitives,
-      what GPUs and TPUs get) or ``"auto"`` (by the platform lowered for: the default).
+    name: ``"cpu"`` (the formulations tuned for XLA:CPU, and attention's XLA blockwise form on
+      every platform), ``"native"`` (what GPUs and TPUs get: XLA's own primitives, and
+      attention's Pallas kernels, which a CPU runs in Pallas's interpret mode) or ``"auto"``
+      (by the platform lowered for: the default).
 
   The choice is read when a function is traced, so trace (or ``jax.jit``) a fresh function
   inside the block: a function jitted and called before it keeps its compiled formulation.
@@ -52,6 +54,11 @@ def formulation(name: str) -> Iterator[None]:
     yield
   finally:
     _forced.reset(token)
+
+
+def forced() -> str:
+  """The formulation forced by :func:`formulation` where this is traced (``"auto"`` if none)."""
+  return _forced.get()
 
 
 def by_platform(*args: Any, cpu: Callable[..., Any], native: Callable[..., Any]) -> Any:

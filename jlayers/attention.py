@@ -4,7 +4,9 @@ The forward runs over blocks of queries and keys with an online softmax and keep
 its inputs and output, one log-sum-exp per query row (float32 or wider); the backward
 recomputes the probabilities block by block. No ``T × S`` array ever exists: the causal mask,
 windows, segment ids and lengths are evaluated per block (:mod:`jlayers._attention_blocks`),
-and blocks they hide entirely are skipped.
+and blocks they hide entirely are skipped. CPUs run the blocks as a ``lax.scan`` in XLA
+(here); GPUs and TPUs run the same rule as Pallas kernels (:mod:`jlayers._attention_platforms`
+chooses, and says when a call falls back to the XLA form).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jlayers import _attention_blocks as _blocks
+from jlayers import _attention_platforms as _platforms
 from jlayers import _checks, _ops
 from jlayers._attention_args import validate
-from jlayers._attention_blocks import blocks, pad, put, reduce_to, rows
+from jlayers._attention_blocks import Extras, blocks, pad, put, reduce_to, rows
 
 
 def dot_product_attention(
@@ -168,8 +171,7 @@ def _forward(config, q, k, v, extras):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(config, q, k, v, extras):
-  out, lse = _forward(config, q, k, v, extras)
-  return out.astype(q.dtype), _blocks.public_lse(lse, q)
+  return _attention_fwd(config, q, k, v, extras)[0]
 
 
 def _attention_fwd(config, q, k, v, extras):
@@ -184,7 +186,7 @@ def _attention_fwd(config, q, k, v, extras):
   is kept unrounded for half-precision inputs: every row of ``dS = P ∘ (dP − D)`` cancels,
   and a ``D`` from the rounded output would carry that rounding into every entry of ``dS``.
   """
-  out, lse = _forward(config, q, k, v, extras)
+  out, lse = _platforms.forward(config, q, k, v, extras, xla=_forward)
   return (out.astype(q.dtype), _blocks.public_lse(lse, q)), (q, k, v, extras, out, lse)
 
 
@@ -230,30 +232,40 @@ def _attention_bwd(config, res, cts):
        \frac{∂ℓ}{∂σ} = Σ_{b, i} P_{σi} (\bar L_i - dO_i · O_i) = -Σ_{b, i} P_{σi} δ_i
 
   Grouped-query heads: key/value head ``κ`` serves ``G = N/K`` query heads, so its gradients
-  add over them. Every block the forward visited is visited again, in the same order,
-  accumulating ``dQ``, ``dK``, ``dV`` in at least float32. A row that sees no key (and has no
-  sink) has ``L = +∞``, so ``P = 0`` and its gradients are 0. Masks are not differentiable.
+  add over them, in at least float32. A row that sees no key (and has no sink) has
+  ``L = +∞``, so ``P = 0`` and its gradients are 0. Masks are not differentiable.
   """
   q, k, v, extras, out, lse = res
   g, g_lse = cts
-  blk = blocks(config, q, k, v, extras)
-  bq, bk = config.block_q, config.block_k
   b, t, n, h = q.shape
-  heads, g_size = k.shape[2], n // k.shape[2]
-  f32 = lse.dtype
-  tp = blk.q.shape[3]
-  do = pad(g.astype(q.dtype).reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4), 3, tp)
-  o = out.reshape(b, t, heads, g_size, h).transpose(0, 2, 3, 1, 4)
-  lse_bar = g_lse.astype(f32).reshape(b, t, heads, g_size).transpose(0, 2, 3, 1)
-  delta = jnp.sum(do[:, :, :, :t].astype(f32) * o, axis=4) - lse_bar
+  heads, f32, g = k.shape[2], lse.dtype, g.astype(q.dtype)
+  lse_bar = g_lse.astype(f32).reshape(b, t, heads, n // heads).transpose(0, 2, 3, 1)
+  delta = jnp.sum((g.astype(f32) * out).reshape(b, t, heads, n // heads, h), axis=4)
+  delta = delta.transpose(0, 2, 3, 1) - lse_bar  # [B, K, G, T]
+  dq, dk, dv, dbias = _platforms.backward(config, q, k, v, extras, g, lse, delta,
+                                          xla=_blockwise_backward)
+  dsinks = None
+  if extras.sinks is not None:
+    p_sink = jnp.exp(_blocks.head_major_sinks(extras.sinks, k, f32) - lse)
+    dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(n).astype(extras.sinks.dtype)
+  dbias = None if dbias is None else dbias.astype(extras.bias.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          Extras(None, dbias, dsinks, None, None, None, None))
+
+
+def _blockwise_backward(config, q, k, v, extras, g, lse, delta):
+  """``(dQ, dK, dV, dbias or None)`` in at least float32 by the XLA blockwise form: every
+  block the forward visited, again, in the same order."""
+  blk, bq, bk = blocks(config, q, k, v, extras), config.block_q, config.block_k
+  (b, t, n, h), heads, f32, tp = q.shape, k.shape[2], lse.dtype, blk.q.shape[3]
+  do = pad(g.reshape(b, t, heads, n // heads, h).transpose(0, 2, 3, 1, 4), 3, tp)
   lse_p, delta_p = pad(lse, 3, tp), pad(delta, 3, tp)
   init = tuple(jnp.zeros_like(a, f32) for a in (blk.q, blk.k, blk.v))
   if blk.bias is not None:
     init += (jnp.zeros_like(blk.bias, f32),)
 
   def step(carry, ij):
-    dq, dk, dv = carry[:3]
-    i, j = ij
+    (dq, dk, dv), (i, j) = carry[:3], ij
     qi, kj, vj = rows(blk.q, i, bq, 3), rows(blk.k, j, bk, 2), rows(blk.v, j, bk, 2)
     doi = rows(do, i, bq, 3)
     s, tanh = _blocks.scores(config, blk, qi, kj, i, j)
@@ -272,28 +284,18 @@ def _attention_bwd(config, res, cts):
            put(dk, rows(dk, j, bk, 2) + config.scale * dk_j, j, bk, 2),
            put(dv, rows(dv, j, bk, 2) + dv_j, j, bk, 2))
     if blk.bias is not None:
-      db = carry[3]
-      slab = rows(db, i, bq, 3)
+      db, slab = carry[3], rows(carry[3], i, bq, 3)
       block = rows(slab, j, bk, 4)
       new += (put(db, put(slab, block + reduce_to(dz, block.shape), j, bk, 4), i, bq, 3),)
     return new, None
 
   grads, _ = lax.scan(step, init, blk.pairs)
-  dq, dk, dv = grads[:3]
-  s = k.shape[1]
-  dq = dq[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-  dk = dk[:, :, :s].transpose(0, 2, 1, 3).astype(k.dtype)
-  dv = dv[:, :, :s].transpose(0, 2, 1, 3).astype(v.dtype)
-  dbias = dsinks = None
-  if extras.bias is not None:  # drop the padding
-    mt, ms = extras.bias.shape[2:]
-    dbias = grads[3][:, :, :, :mt, :ms].reshape(extras.bias.shape).astype(extras.bias.dtype)
-  if extras.sinks is not None:
-    p_sink = jnp.exp(_blocks.head_major_sinks(extras.sinks, k, f32) - lse)
-    dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(n).astype(extras.sinks.dtype)
-  return dq, dk, dv, extras._replace(mask=None, bias=dbias, sinks=dsinks, q_segment_ids=None,
-                                     kv_segment_ids=None, query_seq_lengths=None,
-                                     key_value_seq_lengths=None)
+  dq = grads[0][:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(q.shape)
+  dk, dv = (a[:, :, :k.shape[1]].transpose(0, 2, 1, 3) for a in grads[1:3])
+  if extras.bias is None:
+    return dq, dk, dv, None
+  mt, ms = extras.bias.shape[2:]  # drop the padding
+  return dq, dk, dv, grads[3][:, :, :, :mt, :ms].reshape(extras.bias.shape)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
