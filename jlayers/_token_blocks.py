@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jlayers import _sharding
+from jlayers import _platform, _sharding
 
 BLOCK_BYTES = 32 * 2**20
 """The memory budget of a sweep: one block of logits ``[tokens, V]`` and one slice of the weight
@@ -23,13 +23,33 @@ at V = 256 000) and slices of 8 192 columns at H = 1 024. Smaller blocks save me
 time: on XLA:CPU, the products of blocks of 128 tokens took about 1.4× as long as of 256."""
 
 
-def sizes(n: int, h: int, v: int, itemsize: int) -> tuple[int, int]:
+ACCELERATOR_BLOCK_BYTES = 128 * 2**20
+""":data:`BLOCK_BYTES` on GPUs and TPUs. There each block is a few large kernels (the block's
+product, its softmax fusion, the two gradient products) launched from the loop, and a block must
+fill the device: blocks of 1 024 tokens at V = 32 768 in float32 (128 at V = 256 000) give each
+product at least 128 rows of the matrix units' tiles, and 4× fewer loop iterations than the CPU's
+budget, for two buffers of 128 MiB beside the inputs — small next to an accelerator's memory
+and next to the logits this op never forms (``T · V`` floats)."""
+
+
+def sizes(n: int, h: int, v: int, itemsize: int, budget: int | None = None) -> tuple[int, int]:
   """``(tokens per block, columns per slice)`` for ``n`` tokens, ``H`` features, ``V`` columns
-  and ``itemsize`` bytes per float: the tokens a power of two (at most ``n``), from
-  :data:`BLOCK_BYTES`."""
-  tokens = max(1, BLOCK_BYTES // (v * itemsize))
-  cols = max(1, BLOCK_BYTES // (max(h, 1) * itemsize))
+  and ``itemsize`` bytes per float: the tokens a power of two (at most ``n``), from ``budget``
+  bytes (default :data:`BLOCK_BYTES`)."""
+  budget = BLOCK_BYTES if budget is None else budget
+  tokens = max(1, budget // (v * itemsize))
+  cols = max(1, budget // (max(h, 1) * itemsize))
   return min(n, 1 << (tokens.bit_length() - 1)), min(v, cols)
+
+
+def per_platform(sweep, n: int, h: int, v: int, itemsize: int):
+  """``sweep((tokens, columns))`` with the sizes of the platform lowered for: :data:`BLOCK_BYTES`
+  on a CPU, :data:`ACCELERATOR_BLOCK_BYTES` elsewhere (:func:`jax.lax.platform_dependent`; one
+  sweep when both give the same sizes, as for every problem that fits one CPU block)."""
+  cpu, accelerator = sizes(n, h, v, itemsize), sizes(n, h, v, itemsize, ACCELERATOR_BLOCK_BYTES)
+  if cpu == accelerator:
+    return sweep(cpu)
+  return _platform.by_platform(cpu=lambda: sweep(cpu), native=lambda: sweep(accelerator))
 
 
 def clamped(i, size: int, total: int):

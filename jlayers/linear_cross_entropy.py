@@ -6,8 +6,12 @@ tokens and 131 072 words in float32), and autodiff of ``linear`` followed by the
 them and their gradient. This op walks over blocks of tokens, forms each block's logits,
 reduces them and lets them go; it saves one log-sum-exp per token and recomputes the blocks in
 the backward pass, or, when the loss is reduced to one number, forms the whole gradient in the
-forward pass. Block sizes come from one byte budget,
-:data:`jlayers._token_blocks.BLOCK_BYTES`.
+forward pass. Block sizes come from a byte budget per platform, picked when lowering
+(:mod:`jlayers._token_blocks`: 32 MiB on a CPU, 128 MiB on GPUs and TPUs). On accelerators the
+op stays in XLA, without a Pallas kernel: a block lowers to its product (``dot_general``: the
+vendor's matrix kernels), one fusion of the softmax and loss, and the two gradient products; a
+fused kernel would save one round trip of a block's logits through memory, bounded by the
+budget, not the ``T · V`` that the blocks already save.
 """
 
 from __future__ import annotations
@@ -155,7 +159,6 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None, vocab=None):
   names, vt, offset = vocab if vocab else ((), v, 0)
   psum = (lambda a: lax.psum(a, names)) if names else (lambda a: a)
   acc = _checks.at_least_float32(x.dtype)
-  b, cols = _token_blocks.sizes(n, h, v, acc.itemsize)
   wc = w.astype(x.dtype)
   alpha, z, cap = config.alpha, config.z, config.cap
   shapes = {"loss": ((n,), acc)} if lse is None else {}
@@ -164,7 +167,7 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None, vocab=None):
   carry = {k: _token_blocks.zeros(*shape, x, names if k == "dw" else ())
            for k, shape in shapes.items()}
 
-  def step(i, carry):
+  def step(b, cols, i, carry):
     start, fresh = _token_blocks.clamped(i, b, n)
     cut = functools.partial(lax.dynamic_slice_in_dim, start_index=start, slice_size=b)
     put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=start, axis=0)
@@ -209,11 +212,13 @@ def _sweep(config, x, w, labels, keep, g=None, lse=None, vocab=None):
     carry["dw"] = _token_blocks.add_outer(carry["dw"], fresh_x, ds, cols)
     return carry
 
-  blocks = -(-n // b) if n else 0
-  if blocks == 1:  # no loop: XLA then fuses the block with what surrounds it
-    carry = step(0, carry)
-  elif blocks:
-    carry = lax.fori_loop(0, blocks, step, carry)
+  def sweep(sizes, carry=carry):
+    blocks = -(-n // sizes[0]) if n else 0
+    if blocks == 1:  # no loop: XLA then fuses the block with what surrounds it
+      return step(*sizes, 0, carry)
+    return lax.fori_loop(0, blocks, functools.partial(step, *sizes), carry) if blocks else carry
+
+  carry = _token_blocks.per_platform(sweep, n, h, v, acc.itemsize)
   if "dw" in carry:
     carry["dw"] = carry["dw"].astype(w.dtype)
   return carry

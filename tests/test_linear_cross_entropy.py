@@ -111,6 +111,34 @@ CONFIGS = [({}, "none", False), ({}, "mean", True), ({}, "sum", False),
 """(options, reduction, with where): each option alone and all together, each reduction."""
 
 
+def test_accelerators_take_their_own_block_size(small_blocks, monkeypatch):
+  """With 4 tokens per block on a CPU and 16 on accelerators, 14 tokens run as 4 blocks here
+  and as one where the accelerators' sizes are forced (``formulation("native")``): the same
+  loss and gradients (float64); lowered for ``cuda``, blocks of 14 unless the CPU's are
+  forced."""
+  monkeypatch.setattr(_token_blocks, "ACCELERATOR_BLOCK_BYTES", 16 * 11 * 8)
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    x, w = jnp.asarray(rng.standard_normal((14, 5))), jnp.asarray(rng.standard_normal((5, 11)))
+    labels = jnp.asarray(rng.integers(0, 11, 14), jnp.int32)
+    runs = {}
+    for form in ("auto", "cpu", "native"):
+
+      def fn(x, w):  # a fresh function: traced under this formulation
+        loss, pullback = jax.vjp(lambda x, w: linear_cross_entropy(x, w, labels), x, w)
+        return (loss, *pullback(jnp.ones_like(loss)))
+
+      with jlayers.formulation(form):
+        runs[form] = jax.jit(fn)(x, w)
+        text = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+      block = "<4x11xf64>" if form == "cpu" else "<14x11xf64>"  # a block's logits
+      assert block in text and ("<4x11xf64>" in text) == (form == "cpu"), form
+    want = _vjp(linear_cross_entropy_reference, x, w, labels, jnp.ones((14,)))
+    for form, got in runs.items():
+      for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, err_msg=form)
+
+
 def test_formula_and_composition_over_many_blocks(small_blocks):
   """Each option, with and without ``where``, each reduction, over many blocks: the loss
   equals the NumPy formula, and loss and gradients equal ``softmax_cross_entropy_with_integer_
