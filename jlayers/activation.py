@@ -1,4 +1,12 @@
-"""Activations with hand-derived backward passes: relu, gelu (tanh and exact forms), silu."""
+"""Activations with hand-derived backward passes: relu, gelu (tanh and exact forms), silu.
+
+On GPUs and TPUs these stay in XLA, with no Pallas kernel: each rule is elementwise (value
+and gradient lower to 15 operations for relu, 61 for the tanh gelu, 33 for silu, none of them a
+reduction or a product), and XLA fuses elementwise chains into the kernel that produces their
+input or consumes their output, so a rule costs no pass over memory of its own. A kernel would
+have to be fused with the neighbouring product to gain anything: that is the product's
+epilogue, which XLA already emits.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""2-D convolution with a hand-derived backward pass (any stride, padding, dilation, groups)."""
+"""2-D convolution with a hand-derived backward pass (any stride, padding, dilation, groups).
+
+On GPUs and TPUs the rule takes the native formulation (:mod:`jlayers._platform`): three
+convolutions (forward, input gradient, weight gradient), which XLA hands to cuDNN or the
+TPU's convolution emitter; no Pallas kernel would beat those.
+"""
 
 from __future__ import annotations
 

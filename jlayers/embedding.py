@@ -1,4 +1,9 @@
-"""Embedding lookup, ``table[ids]``, with a hand-derived backward pass."""
+"""Embedding lookup, ``table[ids]``, with a hand-derived backward pass.
+
+On GPUs and TPUs the rule stays in XLA, with no Pallas kernel: the forward is one gather
+and the backward one scatter-add into the table's gradient, XLA's own kernels for exactly
+these (a hand kernel would need the same atomic or sorted accumulation of repeated ids).
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ hand-derived backward passes.
 Both multiply an activation of one projection (the gate) by another projection (up),
 elementwise: ``act(gate) · up``. The rule keeps the two inputs and nothing else, and
 recomputes the activation and its derivative in the backward pass.
+
+On GPUs and TPUs the rule stays in XLA, with no Pallas kernel: it is elementwise (value and
+gradient lower to 40 operations for swiglu, 74 for the tanh geglu, no reduction, no product),
+and XLA fuses it into one kernel per pass with the projections' outputs it reads.
 """
 
 from __future__ import annotations

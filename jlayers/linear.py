@@ -1,4 +1,9 @@
-"""Fully connected layer: ``y = x @ w + b`` with a hand-derived backward pass."""
+"""Fully connected layer: ``y = x @ w + b`` with a hand-derived backward pass.
+
+On GPUs and TPUs the rule stays in XLA, with no Pallas kernel: value and gradient are three
+products (``dot_general``: the vendor's matrix kernels, cuBLAS or the TPU's matrix unit) and one
+reduction for the bias, whose addition XLA fuses into the forward product.
+"""
 
 from __future__ import annotations
 

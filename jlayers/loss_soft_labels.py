@@ -4,6 +4,9 @@ hand-derived backward pass.
 The op returns one loss per example, exactly as ``optax.softmax_cross_entropy`` does; the mean
 over a batch is the caller's. Integer labels: :mod:`jlayers.loss`, whose conventions (masks,
 stability, dtypes) this op shares.
+
+On GPUs and TPUs the rule stays in XLA (row reductions and elementwise work, fused by XLA),
+as the integer-label losses do (:mod:`jlayers.loss`).
 """
 
 from __future__ import annotations

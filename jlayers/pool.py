@@ -17,6 +17,10 @@ Two formulations of each rule, chosen by :func:`jax.lax.platform_dependent` when
 ``ceil_mode`` is extra high padding (``ceil_extra`` of :mod:`jlayers._pool_windows`): minus
 infinity for the maximum, where it never wins, and counted in no average's divisor. The window
 arithmetic (configuration, views, placements, divisors) lives in :mod:`jlayers._pool_windows`.
+
+On GPUs and TPUs the rules take the native formulation (:mod:`jlayers._platform`):
+``reduce_window`` and, for the maximum's backward, ``select_and_scatter``, which XLA compiles
+to kernels of their own with the elementwise work fused in; no Pallas kernel is needed.
 """
 
 from __future__ import annotations

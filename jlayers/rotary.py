@@ -4,6 +4,10 @@ Each pair of features of a query or key head is turned by an angle proportional 
 token's position, so that the product of a query at position ``m`` and a key at position
 ``n`` depends on ``m − n`` only. The map is a rotation: its backward pass is the rotation by
 the opposite angle, and it needs nothing of ``x``.
+
+On GPUs and TPUs the rule stays in XLA, with no Pallas kernel: it is elementwise (value and
+gradient lower to 72 operations, no reduction, no product) and fuses into the kernels that
+produce the queries and keys or that read them.
 """
 
 from __future__ import annotations

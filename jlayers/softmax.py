@@ -5,6 +5,11 @@ Both ops follow ``jax.nn.softmax`` / ``jax.nn.log_softmax``: entries where ``whe
 get probability 0 (log-probability ``-inf``), and whatever ``x`` holds there (NaN, inf) never
 reaches an output or a gradient. A row without unmasked entries is all 0 (all ``-inf``) with
 gradient 0, where ``jax.nn`` gives NaN.
+
+On GPUs and TPUs the rules stay in XLA, with no Pallas kernel: value and gradient lower to
+3 row reductions and elementwise work (no product). XLA's GPU compiler recognises exactly
+this pattern (a row maximum, exponentials, a row sum, a division) and emits it as one fused
+Triton kernel of its own; on TPUs the reductions fuse with their elementwise neighbours.
 """
 
 from __future__ import annotations
