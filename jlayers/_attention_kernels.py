@@ -19,9 +19,7 @@ blockwise form on that platform, never an error):
   longer fits a GPU's registers or a TPU's vector memory at the block sizes below;
 * float64 inputs on a GPU or TPU (neither has a float64 matrix unit: the XLA form keeps the
   float64 proof); on a CPU, forced with :func:`jlayers.formulation` ``("native")``, the
-  kernels run in float64 in interpret mode;
-* a ``bias`` whose query or key dimension is broadcast (size 1) on a TPU, whose blocks would
-  break Mosaic's tiling (the GPU kernels take any broadcast).
+  kernels run in float64 in interpret mode.
 
 Head sizes that are not a power of two (or under 16) are padded with zero features on GPUs
 (Triton's blocks are powers of two): the scores and the output are unchanged, and the scale
@@ -120,8 +118,6 @@ def fallback(backend: str, q, k, extras, *, interpret: bool = False) -> str | No
     return f"head size {q.shape[-1]} > {MAX_HEAD}"
   if not interpret and q.dtype == jnp.float64:
     return "float64 inputs on an accelerator"
-  if backend == "mosaic" and extras.bias is not None and 1 in extras.bias.shape[2:]:
-    return "a bias broadcast along queries or keys on a TPU"
   return None
 
 

@@ -12,7 +12,9 @@ the index maps clamp the key block to the visible range (a block equal to the pr
 not copied again), from the lengths that arrive as scalar prefetch. The backward: one kernel
 with grid (batch, key/value head, key block, group head × query block) accumulates ``dK``,
 ``dV``; one with grid (batch, query head, query block, key block) accumulates ``dQ`` and
-writes each block of the bias's gradient.
+writes each block of the bias's gradient (summed over the block's rows or keys where the bias
+broadcasts along queries or keys, and over query blocks and the broadcast batch and heads
+afterwards).
 
 Mosaic tiles a block's last two dimensions by (8, 128): rows of statistics (log-sum-exp,
 ``δ``, query segment ids) are laid out ``[…, rows, 1]`` and key segment ids ``[…, 1, keys]``,
@@ -217,6 +219,12 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   lo, end = _k.key_range(spec, i, q_len, kv_len)
   inside = (j >= lo) & (j < end)
 
+  s_full = spec.bias is not None and spec.bias[3]
+  if spec.bias and not s_full:  # one block per query block, summed over the key blocks
+    @pl.when(j == 0)
+    def _():
+      db_ref[...] = jnp.zeros(db_ref.shape, db_ref.dtype)
+
   @pl.when(inside)
   def _():
     k = k_ref[...]
@@ -226,10 +234,14 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
                          (((1,), (1,)), ((), ())), preferred_element_type=acc)
     dz = _k.score_gradient(p, dp, delta_ref[...], tanh)
     dq_acc[...] += jnp.dot(dz, k.astype(acc), preferred_element_type=acc) * spec.scale
-    if spec.bias:
-      db_ref[...] = dz.astype(db_ref.dtype)
+    if spec.bias:  # dβ = dz, summed over the rows or keys along which the bias broadcasts
+      db = dz if spec.bias[2] else jnp.sum(dz, axis=0, keepdims=True)
+      if s_full:
+        db_ref[...] = db.reshape(db_ref.shape).astype(db_ref.dtype)
+      else:
+        db_ref[...] += jnp.sum(db, axis=1, keepdims=True).reshape(db_ref.shape)
 
-  if spec.bias:
+  if s_full:
     @pl.when(jnp.logical_not(inside))
     def _():
       db_ref[...] = jnp.zeros(db_ref.shape, db_ref.dtype)
@@ -283,9 +295,16 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   keys = pl.BlockSpec((None, None, bk, h),
                       lambda *g: (g[0], _k.div(g[1], group), q_index(*g)[3], 0))
   out_specs, out_shape = [rows], [jax.ShapeDtypeStruct(qh.shape, acc)]
-  if spec.bias:
-    out_specs.append(pl.BlockSpec((None, None, bq, bk), lambda *g: g[:4]))
-    out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp), acc))
+  if spec.bias:  # per (batch, head): [Tp or query blocks × 1, Sp or 1], Mosaic-tiled
+    t_full, s_full = spec.bias[2], spec.bias[3]
+    if t_full:
+      out_specs.append(pl.BlockSpec((None, None, bq, bk if s_full else 1),
+                                    lambda *g: (*g[:3], g[3] if s_full else 0)))
+      out_shape.append(jax.ShapeDtypeStruct((b, n, tp, sp if s_full else 1), acc))
+    else:
+      out_specs.append(pl.BlockSpec((None, None, None, 1, bk if s_full else 1),
+                                    lambda *g: (*g[:3], 0, g[3] if s_full else 0)))
+      out_shape.append(jax.ShapeDtypeStruct((b, n, nq, 1, sp if s_full else 1), acc))
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, ops=kv_ops),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -297,7 +316,8 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   unpad = lambda a, size: a[:, :, :size].transpose(0, 2, 1, 3)  # noqa: E731
   dbias = None
   if spec.bias:
+    db = outs[1] if spec.bias[2] else jnp.sum(outs[1], axis=2)  # the query blocks' sums
     axes = tuple(a for a in (0, 1) if not spec.bias[a])
-    db = jnp.sum(outs[1], axis=axes, keepdims=True) if axes else outs[1]
-    dbias = db[:, :, :t, :spec.s]
+    db = jnp.sum(db, axis=axes, keepdims=True) if axes else db
+    dbias = db[:, :, :t if spec.bias[2] else 1, :spec.s if spec.bias[3] else 1]
   return unpad(outs[0], t), unpad(dk, spec.s), unpad(dv, spec.s), dbias

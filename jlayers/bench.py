@@ -32,6 +32,11 @@ timed in alternating rounds so that drift in machine speed falls on all alike; m
   for ``reduction="mean"`` and ``"none"``) against its twin (``linear`` then the cross-entropy,
   autodiff) and optax on the materialised logits; then the compiled temporary memory alone at
   V = 131 072 and 256 000, where the unfused programs would not fit in memory to run.
+* **attention_kernels** (only when named in ``--sections``; made for a GPU or TPU) —
+  attention's forward+backward in bfloat16 at B = 4, N = 16, H = 128, T up to 16 384: jlayers
+  (its Pallas kernels there) against ``jax.nn.dot_product_attention``'s cuDNN and XLA forms, in
+  TFLOP/s and fractions of the device's peak (:mod:`jlayers._bench_kernels`; on a CPU one small
+  shape, to show that it runs).
 * **generate** (only when named in ``--sections``: minutes per run) — greedy generation to
   context 512 with the example's character LMs (GPT and Llama, batch 1 and 8, float32):
   ``jlayers.generate`` through the key/value cache against recomputing the whole window per
@@ -60,7 +65,7 @@ import numpy as np
 import optax
 
 from jlayers import __version__ as jlayers_version
-from jlayers import _bench_generate, _platform, reference, testing
+from jlayers import _bench_generate, _bench_kernels, _platform, reference, testing
 from jlayers import _bench_peers as peers
 from jlayers.grids import GRIDS
 from jlayers.layers import BatchNorm, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
@@ -71,7 +76,8 @@ from jlayers.models import Sequential
 from jlayers.transformer import TransformerLM
 
 DEFAULT_SECTIONS = ("ops", "linear", "train", "transformer")
-SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options", "llama", "generate")
+SECTIONS = (*DEFAULT_SECTIONS, "lm_head", "attention_options", "llama", "generate",
+            "attention_kernels")
 
 
 def temp_bytes(jitted, *args) -> int | None:
@@ -574,6 +580,8 @@ def print_tables(report, out=sys.stdout):
     print_llama_table(report["llama"], out)
   if report.get("generate"):
     _bench_generate.print_generate_table(report["generate"], out)
+  if report.get("attention_kernels"):
+    _bench_kernels.print_attention_kernels_table(report["attention_kernels"], out)
 
 
 def print_peer_table(peer: Peer, rows, out=sys.stdout):
@@ -672,6 +680,9 @@ def main(argv=None) -> int:
   if "attention_options" in sections:
     report["attention_options"] = bench_attention_options(args.steps, args.warmup,
                                                           args.rounds)
+  if "attention_kernels" in sections:
+    report["attention_kernels"] = _bench_kernels.bench_attention_kernels(
+        args.steps, args.warmup, args.rounds)
   if args.json:
     json.dump(report, sys.stdout, indent=1)
     print()

@@ -118,6 +118,8 @@ OPTIONS = {
     "mask-bias-sinks": {"mask": jnp.ones((2, 1, 1, 200), bool),
                         "bias": jnp.zeros((1, 8, 200, 200), jnp.float32),
                         "sinks": jnp.zeros((8,), jnp.float32)},
+    "bias-per-key": {"bias": jnp.zeros((2, 1, 1, 200), jnp.float32)},
+    "bias-per-row": {"bias": jnp.zeros((1, 8, 200, 1), jnp.float32), "causal": True},
 }
 
 
@@ -133,8 +135,8 @@ def test_kernels_lower_for_the_accelerators_in_bfloat16(option, platform):
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_calls_no_kernel_takes_fall_back_to_the_xla_form(platform):
-  """A head size over the kernels' limit, float64 on an accelerator, a bias broadcast along
-  keys on a TPU (a GPU takes it), and operands on a mesh: the XLA form, no error."""
+  """A head size over the kernels' limit, float64 on an accelerator, and operands on a mesh:
+  the XLA form, no error (a bias broadcast along keys takes the kernels)."""
   fn = jlayers.dot_product_attention
   q, k, v = _qkv((1, 16, 2, 16, 2, _attention_kernels.MAX_HEAD + 8), jnp.float32)
   assert _kernels(fn, q, k, v, platform=platform) == 0
@@ -144,7 +146,7 @@ def test_calls_no_kernel_takes_fall_back_to_the_xla_form(platform):
   q, k, v = _qkv((1, 16, 2, 16, 2, 8), jnp.float32)
   bias = jnp.zeros((1, 2, 16, 1))
   with_bias = lambda q, k, v: fn(q, k, v, bias=bias)  # noqa: E731
-  assert _kernels(with_bias, q, k, v, platform=platform) == (3 if platform == "cuda" else 0)
+  assert _kernels(with_bias, q, k, v, platform=platform) == 3
   mesh = jax.sharding.AbstractMesh((1,), ("data",))
   with jax.sharding.use_abstract_mesh(mesh):
     assert _kernels(fn, q, k, v, platform=platform) == 0
