@@ -141,12 +141,12 @@ def blocks(config: Config, q, k, v, extras: Extras) -> Blocks:
 
 def head_major(a, q, heads):
   """A mask or bias ``[Bm, Nm, Tm, Sm]`` as ``[Bm, K, G, Tm, Sm]`` (or ``[Bm, 1, 1, Tm, Sm]``),
-  its batch laid out as ``q``'s where the types carry shardings (a replicated mask next to
+  its batch and heads laid out as ``q``'s where the types carry shardings (a replicated mask next to
   batch-split scores would make the select ambiguous; splitting it is a local slice)."""
   mb, mn, mt, ms = a.shape
   n = q.shape[2]
-  a = a.reshape(mb, heads, n // heads, mt, ms) if mn == n else a.reshape(mb, 1, 1, mt, ms)
-  return _sharding.reshard_like(a, q, axes=(0,))
+  a = _sharding.reshard_like(a, q, axes=(0, 2))  # batch and heads as q's, where whole
+  return a.reshape(mb, heads, n // heads, mt, ms) if mn == n else a.reshape(mb, 1, 1, mt, ms)
 
 
 def visible(config: Config, blk: Blocks, i, j):

@@ -13,8 +13,9 @@ the visibility of each entry (:func:`visible`: the same conditions as the XLA fo
 **When a call takes a kernel** (:func:`fallback` says why not, and the op then runs its XLA
 blockwise form on that platform, never an error):
 
-* a mesh is set, or an operand's type is sharded: the XLA form, which the partitioner splits
-  over the batch and heads (a kernel is one custom call the partitioner cannot split);
+* on a mesh, a layout that a kernel per device cannot take (a sequence or feature axis split
+  over devices; :mod:`jlayers._attention_platforms` runs the kernels per device otherwise):
+  the XLA form, which the partitioner splits;
 * a head size above :data:`MAX_HEAD`: a block of ``q``, ``k``, ``v`` and the accumulator no
   longer fits a GPU's registers or a TPU's vector memory at the block sizes below;
 * float64 inputs on a GPU or TPU (neither has a float64 matrix unit: the XLA form keeps the
@@ -107,13 +108,6 @@ def fallback(backend: str, q, k, extras, *, interpret: bool = False) -> str | No
   """Why a call runs the XLA form instead of ``backend``'s kernel (interpreted on a CPU with
   ``interpret``), or ``None`` when it takes the kernel (the conditions of this module's
   docstring)."""
-  from jax.sharding import get_abstract_mesh  # noqa: PLC0415
-  mesh = get_abstract_mesh()
-  arrays = [a for a in (q, k, *extras) if isinstance(a, jax.Array)]
-  if (mesh is not None and not mesh.empty) or any(
-      getattr(jax.typeof(a).sharding, "spec", None) and any(jax.typeof(a).sharding.spec)
-      for a in arrays):
-    return "operands on a mesh"
   if q.shape[-1] > MAX_HEAD:
     return f"head size {q.shape[-1]} > {MAX_HEAD}"
   if not interpret and q.dtype == jnp.float64:

@@ -3,6 +3,11 @@
 blockwise form (:mod:`jlayers.attention`) on CPUs and wherever a kernel cannot take the call
 (:func:`jlayers._attention_kernels.fallback`).
 
+On a mesh each device runs the kernels on its own rows of the batch and its own heads
+(``jax.shard_map`` over the mesh axes that split them; a bias or sinks shared by devices get
+their gradient added over them); a layout a kernel per device cannot take (a sequence or
+feature axis split) runs the XLA form, which the partitioner splits.
+
 Both are staged out with :func:`jax.lax.platform_dependent`, so the platform being lowered for
 picks (``jax.jit(..., device=...)``, ``jax.export`` and lowering for a named platform pick
 right); :func:`jlayers.formulation` forces the XLA form (``"cpu"``) or the kernels
@@ -19,11 +24,13 @@ import contextvars
 import functools
 from collections.abc import Iterator
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from jlayers import _attention_kernels as _k
-from jlayers import _attention_mosaic, _attention_pallas, _platform
+from jlayers import _attention_mosaic, _attention_pallas, _platform, _sharding
 
 _interpreted: contextvars.ContextVar[str] = contextvars.ContextVar(
     "jlayers_attention_interpreted", default="triton")
@@ -43,21 +50,98 @@ def interpreting(backend: str) -> Iterator[None]:
     _interpreted.reset(token)
 
 
-def _choose(q, k, extras, xla, kernel):
+def _layout(q, k, extras):
+  """``(batch axes, head axes)``: the mesh axes that split the batch and the heads of
+  ``q``, ``k``, ``v`` (``((), ())`` without a mesh), or ``None`` where a kernel per device
+  cannot take the layout (a sequence or feature axis split, or heads split unlike ``k``'s).
+  The batch's axes are read as :func:`jlayers._sharding.split_axis` reads them (with auto
+  axes: all of them, where they divide the batch); heads are split only by explicit axes."""
+  parts, batch, _ = _sharding.split_axis(q, 0)
+  heads = _sharding.axis_names(_sharding.entry(q, 2))
+  if any(_sharding.entry(a, axis) for a in (q, k) for axis in (1, 3)):
+    return None
+  if _sharding.axis_names(_sharding.entry(k, 2)) != heads or (
+      heads and k.shape[2] % _sharding.mesh_size(heads)):
+    return None
+  if _sharding.split_axis(k, 0)[1] != batch:
+    return None
+  return (batch if parts > 1 else ()), heads
+
+
+def _per_device(fn, layout, q, extras, args_kinds, out_kinds):
+  """``fn`` run by each device on its batch rows and heads (``jax.shard_map`` over the
+  ``layout``'s axes), or as it is without a mesh. ``args_kinds`` names each argument's layout
+  (``"q"``, ``"kv"``, ``"rows"`` for ``[B, K, G, T]``, ``"extras"``); ``out_kinds`` the
+  outputs' (``"bias"``: the bias's gradient, added over the devices that share the bias)."""
+  batch, heads = layout
+  if not batch and not heads:
+    return fn
+  bn, hn = (batch or None), (heads or None)
+  b, n = q.shape[0], q.shape[2]
+
+  def pair(a):  # a mask or bias [Bx, Nx, Tx, Sx]: split where it is whole
+    return P(bn if a.shape[0] == b else None, hn if a.shape[1] == n else None)
+
+  ex = extras._replace(
+      mask=None if extras.mask is None else pair(extras.mask),
+      bias=None if extras.bias is None else pair(extras.bias),
+      sinks=None if extras.sinks is None else P(hn),
+      **{name: None if getattr(extras, name) is None else P(bn)
+         for name in ("q_segment_ids", "kv_segment_ids", "query_seq_lengths",
+                      "key_value_seq_lengths")})
+  specs = {"q": P(bn, None, hn), "kv": P(bn, None, hn), "rows": P(bn, hn), "extras": ex,
+           "bias": None if extras.bias is None else pair(extras.bias)}
+  shared = ()  # the axes along which devices share the bias: its gradient adds over them
+  if extras.bias is not None:
+    shared = (batch if extras.bias.shape[0] != b else ()) + (
+        heads if extras.bias.shape[1] != n else ())
+  in_specs = tuple(specs[kind] for kind in args_kinds)
+
+  def body(*args):  # (a kernel's outputs carry no record of varying over the axes)
+    out = fn(*args)
+    if "bias" in out_kinds and shared and out[out_kinds.index("bias")] is not None:
+      i = out_kinds.index("bias")
+      out = (*out[:i], lax.psum(out[i], shared), *out[i + 1:])
+    return out
+
+  mesh = jax.sharding.get_abstract_mesh()
+  explicit = not mesh.empty and bool(mesh.explicit_axes)
+
+  def placed(spec, a):  # explicit axes: each operand laid out as its spec first
+    if a is None or not explicit:
+      return a
+    full = tuple(spec) + (None,) * (a.ndim - len(spec))
+    have = tuple(jax.typeof(a).sharding.spec) if _sharding.explicit(a) else ()
+    if have + (None,) * (a.ndim - len(have)) == full:
+      return a
+    return jax.sharding.reshard(a, P(*full))
+
+  mapped = jax.shard_map(body, in_specs=in_specs,
+                         out_specs=tuple(specs[kind] for kind in out_kinds),
+                         axis_names=set(batch) | set(heads), check_vma=False)
+  leaf = lambda x: x is None or isinstance(x, P)  # noqa: E731
+  return lambda *args: mapped(*jax.tree.map(placed, in_specs, args, is_leaf=leaf))
+
+
+def _choose(q, k, extras, xla, kernel, kinds):
   """A function of the same arguments as ``xla``: ``xla`` where the XLA form runs, else
-  ``platform_dependent`` over ``kernel(backend, interpret)`` per platform."""
+  ``platform_dependent`` over ``kernel(backend, interpret)`` per platform, run per device on
+  a mesh (``kinds``: the arguments' and outputs' layouts, see :func:`_per_device`)."""
   forced = _platform.forced()
   if forced == "cpu":
     return xla
+  layout = _layout(q, k, extras)
   branches = {}
   for platforms, backend in ((("cuda", "rocm"), "triton"), (("tpu",), "mosaic")):
-    fn = xla if _k.fallback(backend, q, k, extras) else kernel(backend, False)
+    fn = xla
+    if layout is not None and not _k.fallback(backend, q, k, extras):
+      fn = _per_device(kernel(backend, False), layout, q, extras, *kinds)
     branches.update(dict.fromkeys(platforms, fn))
   cpu = xla
   if forced == "native":
     backend = _interpreted.get()
-    if not _k.fallback(backend, q, k, extras, interpret=True):
-      cpu = kernel(backend, True)
+    if layout is not None and not _k.fallback(backend, q, k, extras, interpret=True):
+      cpu = _per_device(kernel(backend, True), layout, q, extras, *kinds)
   if all(fn is xla for fn in (cpu, *branches.values())):
     return xla
   return lambda *args: lax.platform_dependent(*args, cpu=cpu, default=xla, **branches)
@@ -84,7 +168,8 @@ def forward(config, q, k, v, extras, *, xla):
       return out, lse
     return run
 
-  return _choose(q, k, extras, functools.partial(xla, config), kernel)(q, k, v, extras)
+  kinds = (("q", "kv", "kv", "extras"), ("q", "rows"))
+  return _choose(q, k, extras, functools.partial(xla, config), kernel, kinds)(q, k, v, extras)
 
 
 def backward(config, q, k, v, extras, g, lse, delta, *, xla):
@@ -101,5 +186,6 @@ def backward(config, q, k, v, extras, g, lse, delta, *, xla):
                                         interpret=interpret)
     return run
 
-  return _choose(q, k, extras, functools.partial(xla, config), kernel)(
+  kinds = (("q", "kv", "kv", "extras", "q", "rows", "rows"), ("q", "kv", "kv", "bias"))
+  return _choose(q, k, extras, functools.partial(xla, config), kernel, kinds)(
       q, k, v, extras, g, lse, delta)

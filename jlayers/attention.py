@@ -19,7 +19,7 @@ from jax import lax
 
 from jlayers import _attention_blocks as _blocks
 from jlayers import _attention_platforms as _platforms
-from jlayers import _checks, _ops
+from jlayers import _checks, _ops, _sharding
 from jlayers._attention_args import validate
 from jlayers._attention_blocks import Extras, blocks, pad, put, reduce_to, rows
 
@@ -248,7 +248,9 @@ def _attention_bwd(config, res, cts):
   if extras.sinks is not None:
     p_sink = jnp.exp(_blocks.head_major_sinks(extras.sinks, k, f32) - lse)
     dsinks = -jnp.sum(p_sink * delta, axis=(0, 3)).reshape(n).astype(extras.sinks.dtype)
-  dbias = None if dbias is None else dbias.astype(extras.bias.dtype)
+    dsinks = _sharding.reshard_as(dsinks, extras.sinks)
+  if dbias is not None:  # in the bias's own dtype and layout
+    dbias = _sharding.reshard_as(dbias.astype(extras.bias.dtype), extras.bias)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
           Extras(None, dbias, dsinks, None, None, None, None))
 

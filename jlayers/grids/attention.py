@@ -5,7 +5,9 @@ it, so that the block loop, its causal skipping and its padding run; then each o
 windows (symmetric, one-sided with causal, over several blocks so that blocks are skipped),
 the soft cap, segment ids (with rows of several segments, and ``T ≠ S``), sequence lengths
 (with a row that sees nothing), biases of several broadcast shapes and sinks (both
-differentiated), the returned log-sum-exp, and all of them at once.
+differentiated), the returned log-sum-exp, and all of them at once. The rule is platform
+dependent (Pallas kernels on GPUs and TPUs): the tests run every case in both formulations,
+the kernels in Pallas's interpret mode.
 
 Masks are fixed per case (a NumPy generator seeded by the case) and passed as the ``mask``
 keyword; segment ids, lengths, biases and sinks are drawn per case and passed by name
@@ -124,6 +126,7 @@ GRIDS = [
          _case(1, 200, 2, 200, 1, 2, causal=True, local_window_size=(70, 0),
                suffix="-window-blocks"),
          _case(1, 140, 2, 150, 1, 2, local_window_size=(20, 90), suffix="-window-blocks2")),
+        platform_dependent=True,  # the Pallas kernels on GPUs and TPUs
         representative=("gqa-b2t4n4s5k2h3-maskfull-emptyrow",
                         "mqa-b1t150n2s140k1h2-causal-blocks",
                         "gqa-b2t9n4s9k2h3-causal-everything"),
@@ -131,7 +134,14 @@ GRIDS = [
         layouts=tuple(  # heads split over model, grouped-query included
             Layout("heads", _case(MESH_BATCH, 6, n, 6, k, 2, causal=True),
                    ((("data", None, "model"),) * 3), out=("data", None, "model"))
-            for n, k in ((4, 4), (8, 4))),
+            for n, k in ((4, 4), (8, 4))) + (
+            # A replicated bias and sinks: each device forms its heads' part of their gradients,
+            # all-gathered whole (the layout's one gather).
+            Layout("heads", _case(MESH_BATCH, 6, 8, 6, 4, 2, causal=True, suffix="-bias-sinks",
+                                  extra={"bias": _normal((1, 8, 6, 6)), "sinks": _normal((8,))},
+                                  diff_extra=("bias", "sinks")),
+                   ((("data", None, "model"),) * 3) + ((), ()), gathered=(3, 4),
+                   out=("data", None, "model")),),
         mesh=(_case(MESH_BATCH, 130, 4, 140, 2, 2, causal=True, suffix="-blocks"),
               _case(MESH_BATCH, 4, 2, 5, 2, 2, mask=_mask((MESH_BATCH, 1, 1, 5), 4, 0.7),
                     suffix="-keymask"),
