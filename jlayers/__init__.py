@@ -38,7 +38,7 @@ from jlayers.generation import Generation, filter_logits, generate, sample_logit
 from jlayers.testing import grad_differences, max_grad_difference
 from jlayers.transformer import DecoderBlock, TransformerLM, llama3_frequencies, transformer_block
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     # the ops (manual backward passes), one per declared Op

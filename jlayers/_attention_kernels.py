@@ -13,9 +13,10 @@ the visibility of each entry (:func:`visible`: the same conditions as the XLA fo
 **When a call takes a kernel** (:func:`fallback` says why not, and the op then runs its XLA
 blockwise form on that platform, never an error):
 
-* on a mesh, a layout that a kernel per device cannot take (a sequence or feature axis split
-  over devices; :mod:`jlayers._attention_platforms` runs the kernels per device otherwise):
-  the XLA form, which the partitioner splits;
+* on a mesh, heads of ``q`` split unlike those of ``k`` and ``v`` (a kernel per device needs
+  each query head's key/value head on its device): the XLA form, which the partitioner splits.
+  Otherwise :mod:`jlayers._attention_platforms` runs the kernels per device, sequence and
+  feature axes gathered first where explicit axes split them;
 * a head size above :data:`MAX_HEAD`: a block of ``q``, ``k``, ``v`` and the accumulator no
   longer fits a GPU's registers or a TPU's vector memory at the block sizes below;
 * float64 inputs on a GPU or TPU (neither has a float64 matrix unit: the XLA form keeps the

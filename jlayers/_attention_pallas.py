@@ -42,7 +42,7 @@ def _load(ref, *index):
   return ref[index]
 
 
-def _unpack(refs, spec, ops):
+def _unpack(refs, ops):
   names = [name for name in _ORDER if getattr(ops, name) is not None]
   return dict(zip(names, refs[:len(names)])), refs[len(names):]
 
@@ -50,11 +50,11 @@ def _unpack(refs, spec, ops):
 def _forward_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, *refs, spec, ops):
   """One (batch, query head, query block): ``q_ref [bq, H]``, ``k_ref``, ``v_ref [Sp, H]``;
   writes ``o_ref [bq, H]`` and ``lse_ref [bq]``."""
-  opt, (o_ref, lse_ref) = _unpack(refs, spec, ops)
+  opt, (o_ref, lse_ref) = _unpack(refs, ops)
   i = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k
   acc = lse_ref.dtype  # float32, or float64 for float64 inputs (the interpret-mode proof)
-  q = q_ref[...].astype(acc)
+  q = q_ref[...]  # scores from the inputs' dtype, accumulated in acc (as the XLA form's)
   q_len, kv_len = q_len_ref[0], kv_len_ref[0]
   rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   q_seg = opt["q_seg"][...].reshape(bq, 1) if spec.segments else None
@@ -64,7 +64,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, *refs, spec, ops
     keys = pl.ds(j * bk, bk)
     cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     bias = _load(opt["bias"], slice(None), keys) if spec.bias else None
-    z, _ = _k.logits(spec, q, k_ref[keys, :].astype(acc), bias, acc)
+    z, _ = _k.logits(spec, q, k_ref[keys, :], bias, acc)
     seen = _k.visible(spec, rows, cols, q_len, kv_len, q_seg,
                       opt["kv_seg"][keys].reshape(1, bk) if spec.segments else None,
                       _load(opt["mask"], slice(None), keys) if spec.mask else None)
@@ -117,26 +117,29 @@ def _pair_spec(full, shape_full, index_full):
   return pl.BlockSpec(shape, index)
 
 
-def _params(spec, q):
+def _params(q):
   warps = 4 if q.shape[3] <= 64 else 8
   return plt.CompilerParams(num_warps=warps, num_stages=2)
 
 
-def _per_row(spec, ops, b_axis, head_index, head_block, i_index, key_block):
-  """in_specs of the optional operands, in :data:`_ORDER`."""
+def _optional_specs(spec, ops, head_index, head_block, i_index, key_block):
+  """in_specs of the optional operands, in :data:`_ORDER`, for a grid of (batch, heads, …):
+  ``head_index(*grid)`` the head (block) and ``head_block`` its size (``None``: one head,
+  squeezed); ``i_index(*grid)`` the query block, or ``None`` for every row; ``key_block`` the
+  pair (keys per block, ``index(*grid)``), or (all keys, ``None``)."""
   specs = []
   tp = _k.round_up(spec.t, spec.block_q)
   if ops.q_seg is not None:
     q_rows = spec.block_q if i_index is not None else tp
-    specs += [pl.BlockSpec((None, q_rows), lambda *g: (g[b_axis], i_index(*g) if i_index else 0)),
+    specs += [pl.BlockSpec((None, q_rows), lambda *g: (g[0], i_index(*g) if i_index else 0)),
               pl.BlockSpec((None, key_block[0]),
-                           lambda *g: (g[b_axis], key_block[1](*g) if key_block[1] else 0))]
+                           lambda *g: (g[0], key_block[1](*g) if key_block[1] else 0))]
   for name in ("mask", "bias"):
     if getattr(ops, name) is not None:
       full = getattr(spec, name)
       specs.append(_pair_spec(
           full, (None, head_block, spec.block_q if i_index else tp, key_block[0]),
-          lambda *g: (g[b_axis], head_index(*g), i_index(*g) if i_index else 0,
+          lambda *g: (g[0], head_index(*g), i_index(*g) if i_index else 0,
                       key_block[1](*g) if key_block[1] else 0)))
   if ops.sinks is not None:
     specs.append(pl.BlockSpec((1,), lambda *g: (head_index(*g),)))
@@ -162,11 +165,11 @@ def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
   out, lse = pl.pallas_call(
       functools.partial(_forward_kernel, spec=spec, ops=ops),
       grid=(b, n, tp // bq),
-      in_specs=[rows, keys, keys, per_batch, per_batch] + _per_row(
-          spec, ops, 0, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
+      in_specs=[rows, keys, keys, per_batch, per_batch] + _optional_specs(
+          spec, ops, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
       out_specs=[rows, pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i))],
       out_shape=[jax.ShapeDtypeStruct((b, n, tp, hp), acc), jax.ShapeDtypeStruct((b, n, tp), acc)],
-      compiler_params=_params(spec, qh), interpret=interpret,
+      compiler_params=_params(qh), interpret=interpret,
   )(qh, kh, vh, ops.q_len, ops.kv_len, *_optional(ops))
   return out[:, :, :t, :h].transpose(0, 2, 1, 3), lse[:, :, :t]
 
@@ -175,11 +178,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_l
                 spec, ops):
   """One (batch, key/value head, key block): ``dK``, ``dV`` of its keys summed over the
   group's query heads and the query blocks that see them."""
-  opt, (dk_ref, dv_ref) = _unpack(refs, spec, ops)
+  opt, (dk_ref, dv_ref) = _unpack(refs, ops)
   j = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k
   acc = lse_ref.dtype
-  k, v = k_ref[...].astype(acc), v_ref[...].astype(acc)
+  k, v = k_ref[...], v_ref[...].astype(acc)
   q_len, kv_len = q_len_ref[0], kv_len_ref[0]
   cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   kv_seg = opt["kv_seg"][...].reshape(1, bk) if spec.segments else None
@@ -190,7 +193,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_l
     dk, dv = carry
     g, i = _k.div(x, count), lo + _k.rem(x, count)
     rows_ix = pl.ds(i * bq, bq)
-    q, do = q_ref[g, rows_ix, :].astype(acc), do_ref[g, rows_ix, :].astype(acc)
+    q, do = q_ref[g, rows_ix, :], do_ref[g, rows_ix, :].astype(acc)
     rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     bias = _load(opt["bias"], g, rows_ix, slice(None)) if spec.bias else None
     z, tanh = _k.logits(spec, q, k, bias, acc)
@@ -201,7 +204,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_l
     dv = dv + jnp.dot(p.T, do, preferred_element_type=acc)
     dp = jnp.dot(do, v.T, preferred_element_type=acc)
     dz = _k.score_gradient(p, dp, delta_ref[g, rows_ix][:, None], tanh)
-    return dk + jnp.dot(dz.T, q, preferred_element_type=acc) * spec.scale, dv
+    return dk + jnp.dot(dz.T, q.astype(acc), preferred_element_type=acc) * spec.scale, dv
 
   zeros = jnp.zeros(k.shape, acc)
   dk, dv = lax.fori_loop(0, spec.group * count, step, (zeros, zeros))
@@ -214,12 +217,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_le
   """One (batch, query head, query block): ``dQ`` of its rows over the key blocks they see,
   and the bias's gradient ``dz`` of those blocks (summed over rows or keys where the bias
   broadcasts)."""
-  opt, outs = _unpack(refs, spec, ops)
+  opt, outs = _unpack(refs, ops)
   dq_ref, db_ref = outs[0], (outs[1] if spec.bias else None)
   i = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k
   acc = lse_ref.dtype
-  q, do = q_ref[...].astype(acc), do_ref[...].astype(acc)
+  q, do = q_ref[...], do_ref[...].astype(acc)
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
   q_len, kv_len = q_len_ref[0], kv_len_ref[0]
   rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
@@ -241,7 +244,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_le
   def step(j, carry):
     dq, db = carry
     keys = pl.ds(j * bk, bk)
-    k, v = k_ref[keys, :].astype(acc), v_ref[keys, :].astype(acc)
+    k, v = k_ref[keys, :], v_ref[keys, :].astype(acc)
     cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     bias = _load(opt["bias"], slice(None), keys) if spec.bias else None
     z, tanh = _k.logits(spec, q, k, bias, acc)
@@ -254,7 +257,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_le
       db_ref[:, keys] = db_block(dz).astype(db_ref.dtype)
     elif spec.bias:
       db = db + jnp.sum(db_block(dz), axis=1, keepdims=True)
-    return dq + jnp.dot(dz, k, preferred_element_type=acc) * spec.scale, db
+    return dq + jnp.dot(dz, k.astype(acc), preferred_element_type=acc) * spec.scale, db
 
   lo, end = _k.key_range(spec, i, q_len, kv_len)
   db0 = jnp.zeros((bq if t_full else 1, 1), acc)
@@ -277,7 +280,7 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   tp, sp, hp = qh.shape[2], kh.shape[2], qh.shape[3]
   lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=-jnp.inf)
   delta = jnp.pad(delta.astype(acc), ((0, 0), (0, 0), (0, tp - t)))
-  params = _params(spec, qh)
+  params = _params(qh)
   per_batch = pl.BlockSpec((1,), lambda bi, _, j: (bi,))
   group_rows = pl.BlockSpec((None, group, tp, hp), lambda bi, ki, j: (bi, ki, 0, 0))
   group_stats = pl.BlockSpec((None, group, tp), lambda bi, ki, j: (bi, ki, 0))
@@ -287,8 +290,8 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
       functools.partial(_dkv_kernel, spec=spec, ops=kv_ops),
       grid=(b, heads, sp // bk),
       in_specs=[group_rows, key_block, key_block, group_rows, group_stats, group_stats,
-                per_batch, per_batch] + _per_row(
-          spec, kv_ops, 0, lambda bi, ki, j: ki, group, None, (bk, lambda bi, ki, j: j)),
+                per_batch, per_batch] + _optional_specs(
+          spec, kv_ops, lambda bi, ki, j: ki, group, None, (bk, lambda bi, ki, j: j)),
       out_specs=[key_block, key_block],
       out_shape=[jax.ShapeDtypeStruct(kh.shape, acc)] * 2,
       compiler_params=params, interpret=interpret,
@@ -306,8 +309,8 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, spec=spec, ops=kv_ops),
       grid=(b, n, tp // bq),
-      in_specs=[rows, keys, keys, rows, stats, stats, per_batch, per_batch] + _per_row(
-          spec, kv_ops, 0, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
+      in_specs=[rows, keys, keys, rows, stats, stats, per_batch, per_batch] + _optional_specs(
+          spec, kv_ops, lambda bi, ni, i: ni, None, lambda bi, ni, i: i, (sp, None)),
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=params, interpret=interpret,
   )(qh, kh, vh, doh, lse, delta, ops.q_len, ops.kv_len, *_optional(kv_ops))

@@ -4,8 +4,9 @@ blockwise form (:mod:`jlayers.attention`) on CPUs and wherever a kernel cannot t
 (:func:`jlayers._attention_kernels.fallback`).
 
 On a mesh each device runs the kernels on its own rows of the batch and its own heads
-(``jax.shard_map`` over the mesh axes that split them; a bias or sinks shared by devices get
-their gradient added over them); a layout a kernel per device cannot take (a sequence or
+(``jax.shard_map`` over the mesh, the operands split over the axes that split their batch and
+heads and replicated over the others; a bias or sinks shared by devices get their gradient
+added over them); a layout a kernel per device cannot take (a sequence or
 feature axis split) runs the XLA form, which the partitioner splits.
 
 Both are staged out with :func:`jax.lax.platform_dependent`, so the platform being lowered for
@@ -50,13 +51,27 @@ def interpreting(backend: str) -> Iterator[None]:
     _interpreted.reset(token)
 
 
+def whole_sequences(q, k, v):
+  """``q``, ``k``, ``v`` with their sequence and feature axes unsplit where explicit mesh axes
+  split them (a gather: each row needs every key and every feature; attention split along the
+  sequence, as ring attention, is not implemented). Batch and heads keep their layout."""
+  def whole(a):
+    if not _sharding.explicit(a):
+      return a
+    entries = _sharding.entries(jax.typeof(a).sharding) + (None,) * 4
+    if entries[1] is None and entries[3] is None:
+      return a
+    return jax.sharding.reshard(a, P(entries[0], None, entries[2], None))
+  return whole(q), whole(k), whole(v)
+
+
 def _layout(q, k, extras):
   """``(batch axes, head axes)``: the mesh axes that split the batch and the heads of
   ``q``, ``k``, ``v`` (``((), ())`` without a mesh), or ``None`` where a kernel per device
   cannot take the layout (a sequence or feature axis split, or heads split unlike ``k``'s).
   The batch's axes are read as :func:`jlayers._sharding.split_axis` reads them (with auto
   axes: all of them, where they divide the batch); heads are split only by explicit axes."""
-  parts, batch, _ = _sharding.split_axis(q, 0)
+  _, batch, _ = _sharding.split_axis(q, 0)
   heads = _sharding.axis_names(_sharding.entry(q, 2))
   if any(_sharding.entry(a, axis) for a in (q, k) for axis in (1, 3)):
     return None
@@ -65,7 +80,7 @@ def _layout(q, k, extras):
     return None
   if _sharding.split_axis(k, 0)[1] != batch:
     return None
-  return (batch if parts > 1 else ()), heads
+  return batch, heads
 
 
 def _per_device(fn, layout, q, extras, args_kinds, out_kinds):
@@ -118,7 +133,7 @@ def _per_device(fn, layout, q, extras, args_kinds, out_kinds):
 
   mapped = jax.shard_map(body, in_specs=in_specs,
                          out_specs=tuple(specs[kind] for kind in out_kinds),
-                         axis_names=set(batch) | set(heads), check_vma=False)
+                         axis_names=set(mesh.axis_names), check_vma=False)
   leaf = lambda x: x is None or isinstance(x, P)  # noqa: E731
   return lambda *args: mapped(*jax.tree.map(placed, in_specs, args, is_leaf=leaf))
 
@@ -144,7 +159,26 @@ def _choose(q, k, extras, xla, kernel, kinds):
       cpu = _per_device(kernel(backend, True), layout, q, extras, *kinds)
   if all(fn is xla for fn in (cpu, *branches.values())):
     return xla
-  return lambda *args: lax.platform_dependent(*args, cpu=cpu, default=xla, **branches)
+
+  def run(*args):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+      return lax.platform_dependent(*args, cpu=cpu, default=xla, **branches)
+    # Explicit axes: every branch returns the types the XLA form's does (a kernel run per
+    # device returns its outputs split as its specs say; the XLA form may differ where an
+    # axis is of size 1), so that the platforms' branches agree.
+    want = jax.eval_shape(xla, *args)
+
+    def conform(fn):
+      def conformed(*args):
+        return jax.tree.map(lambda a, w: a if a is None else _sharding.reshard_as(a, w),
+                            fn(*args), want, is_leaf=lambda x: x is None)
+      return xla if fn is xla else conformed
+
+    return lax.platform_dependent(*args, cpu=conform(cpu), default=xla,
+                                  **{p: conform(fn) for p, fn in branches.items()})
+
+  return run
 
 
 def _spec(config, q, k, extras, backend):

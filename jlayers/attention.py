@@ -113,7 +113,7 @@ def dot_product_attention(
   if q.size == 0 or k.shape[1] == 0:  # an empty output, or no key to see: every row is empty
     out, lse = _blocks.empty(q, extras.sinks)
   else:
-    out, lse = _attention(config, q, k, v, extras)
+    out, lse = _attention(config, *_platforms.whole_sequences(q, k, v), extras)
   return (out, lse) if residual else out
 
 
@@ -251,8 +251,8 @@ def _attention_bwd(config, res, cts):
     dsinks = _sharding.reshard_as(dsinks, extras.sinks)
   if dbias is not None:  # in the bias's own dtype and layout
     dbias = _sharding.reshard_as(dbias.astype(extras.bias.dtype), extras.bias)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          Extras(None, dbias, dsinks, None, None, None, None))
+  dq, dk, dv = (_sharding.reshard_as(d.astype(a.dtype), a) for d, a in ((dq, q), (dk, k), (dv, v)))
+  return dq, dk, dv, Extras(None, dbias, dsinks, None, None, None, None)
 
 
 def _blockwise_backward(config, q, k, v, extras, g, lse, delta):

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jlayers
 from jlayers import _attention_kernels, _attention_platforms, reference, testing
@@ -135,9 +137,10 @@ def test_kernels_lower_for_the_accelerators_in_bfloat16(option, platform):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_calls_no_kernel_takes_fall_back_to_the_xla_form(platform):
-  """A head size over the kernels' limit, float64 on an accelerator, and operands on a mesh:
-  the XLA form, no error (a bias broadcast along keys takes the kernels)."""
+def test_calls_no_kernel_takes_fall_back_to_the_xla_form_and_meshes_take_kernels(platform):
+  """A head size over the kernels' limit and float64 on an accelerator: the XLA form, no error
+  (a bias broadcast along keys, a batch split over a mesh's devices and, gathered first, query
+  rows split over them take the kernels)."""
   fn = jlayers.dot_product_attention
   q, k, v = _qkv((1, 16, 2, 16, 2, _attention_kernels.MAX_HEAD + 8), jnp.float32)
   assert _kernels(fn, q, k, v, platform=platform) == 0
@@ -148,6 +151,10 @@ def test_calls_no_kernel_takes_fall_back_to_the_xla_form(platform):
   bias = jnp.zeros((1, 2, 16, 1))
   with_bias = lambda q, k, v: fn(q, k, v, bias=bias)  # noqa: E731
   assert _kernels(with_bias, q, k, v, platform=platform) == 3
-  mesh = jax.sharding.AbstractMesh((1,), ("data",))
-  with jax.sharding.use_abstract_mesh(mesh):
-    assert _kernels(fn, q, k, v, platform=platform) == 0
+  mesh = jax.make_mesh((1, 1), ("data", "seq"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    # The batch split: kernels per device; rows split too: gathered first, then the same.
+    for spec in (P("data"), P("data", "seq")):
+      q = jax.device_put(q, NamedSharding(mesh, spec))
+      k, v = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (k, v))
+      assert _kernels(fn, q, k, v, platform=platform) == 3, spec
