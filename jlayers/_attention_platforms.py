@@ -6,16 +6,20 @@ blockwise form (:mod:`jlayers.attention`) on CPUs and wherever a kernel cannot t
 On a mesh each device runs the kernels on its own rows of the batch and its own heads
 (``jax.shard_map`` over the mesh, the operands split over the axes that split their batch and
 heads and replicated over the others; a bias or sinks shared by devices get their gradient
-added over them); a layout a kernel per device cannot take (a sequence or
-feature axis split) runs the XLA form, which the partitioner splits.
+added over them). A sequence or feature axis that explicit axes split is gathered first
+(:func:`whole_sequences`); ``q``'s heads split unlike ``k``'s run the XLA form, which the
+partitioner splits.
 
 Both are staged out with :func:`jax.lax.platform_dependent`, so the platform being lowered for
-picks (``jax.jit(..., device=...)``, ``jax.export`` and lowering for a named platform pick
-right); :func:`jlayers.formulation` forces the XLA form (``"cpu"``) or the kernels
-(``"native"``, which a CPU runs in Pallas's interpret mode: the Triton kernels, or the Mosaic
-ones inside :func:`interpreting`). Forward and backward choose alike, and both evaluations
-keep the same residuals (the output and log-sum-exp ``[B, K, G, T]`` in at least float32,
-``+inf`` for a row that sees nothing), so a forward and backward always pair.
+picks (``jax.jit(..., device=...)`` and lowering for a named platform pick right), and
+:func:`jlayers.formulation` forces the XLA form (``"cpu"``) or the kernels (``"native"``,
+which a CPU runs in Pallas's interpret mode: the Triton kernels, or the Mosaic ones inside
+:func:`interpreting`). ``jax.export`` refuses Triton's custom calls (no compatibility
+guarantee), and a lowering for several platforms at once refuses any branch holding a Pallas
+call: a function to export is traced under ``formulation("cpu")``, the XLA form everywhere.
+Forward and backward choose alike, and both evaluations keep the same residuals (the output
+and log-sum-exp ``[B, K, G, T]`` in at least float32, ``+inf`` for a row that sees nothing),
+so a forward and backward always pair.
 """
 
 from __future__ import annotations

@@ -166,3 +166,19 @@ def test_calls_no_kernel_takes_fall_back_to_the_xla_form_and_meshes_take_kernels
       q = jax.device_put(q, NamedSharding(mesh, spec))
       k, v = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (k, v))
       assert _kernels(fn, q, k, v, platform=platform) == 3, spec
+
+
+def test_the_xla_form_exports_for_every_platform_at_once():
+  """``jax.export`` for ``cpu``, ``cuda`` and ``tpu`` together, traced under
+  ``formulation("cpu")``; without it the kernels' branches refuse (as the README says)."""
+  from jax import export  # noqa: PLC0415
+
+  q, k, v = _qkv((1, 8, 2, 8, 1, 16), jnp.float32)
+  fn = jax.jit(lambda q, k, v: jlayers.dot_product_attention(q, k, v, causal=True))
+  with jlayers.formulation("cpu"):
+    exported = export.export(fn, platforms=("cpu", "cuda", "tpu"))(q, k, v)
+  np.testing.assert_allclose(np.asarray(exported.call(q, k, v)), np.asarray(fn(q, k, v)),
+                             rtol=1e-6)
+  with pytest.raises(ValueError):
+    export.export(jax.jit(lambda q, k, v: jlayers.dot_product_attention(q, k, v)),
+                  platforms=("cpu", "cuda"))(q, k, v)
