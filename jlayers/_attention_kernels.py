@@ -77,6 +77,17 @@ class Operands(NamedTuple):
   sinks: jax.Array | None  # float32[N] (float64 for float64 inputs)
 
 
+ORDER = ("q_seg", "kv_seg", "mask", "bias", "sinks")
+"""The order in which a kernel takes the optional :class:`Operands` that a call has."""
+
+
+def unpack(refs, ops):
+  """``({name: ref}, rest)``: a kernel's refs of the optional operands ``ops`` has, in
+  :data:`ORDER`, and the refs after them (its outputs and scratch)."""
+  names = [name for name in ORDER if getattr(ops, name) is not None]
+  return dict(zip(names, refs[:len(names)])), refs[len(names):]
+
+
 def div(a, b):
   """``a // b`` for non-negative integers, as a truncating division: a kernel's index
   arithmetic (Mosaic lowers ``//`` through ``sign``, which needs a TPU to query)."""

@@ -35,14 +35,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jlayers import _attention_kernels as _k
 
-_ORDER = ("q_seg", "kv_seg", "mask", "bias", "sinks")
-
-
-def _unpack(refs, ops):
-  names = [name for name in _ORDER if getattr(ops, name) is not None]
-  return dict(zip(names, refs[:len(names)])), refs[len(names):]
-
-
 def _operands(ops):
   """The optional operands laid out for Mosaic's tiling: segment ids as ``[B, Tp, 1]`` and
   ``[B, 1, Sp]``, sinks as ``[N, 1, 1]``."""
@@ -51,7 +43,7 @@ def _operands(ops):
           "mask": None if ops.mask is None else ops.mask.astype(jnp.int32),
           "bias": ops.bias,
           "sinks": None if ops.sinks is None else ops.sinks[:, None, None]}
-  return [laid[name] for name in _ORDER if laid[name] is not None]
+  return [laid[name] for name in _k.ORDER if laid[name] is not None]
 
 
 def _specs(spec, ops, index):
@@ -87,7 +79,7 @@ def _block(spec, opt, q, k, i, j, q_len, kv_len, acc):
 
 
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, spec, ops):
-  opt, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _unpack(refs, ops)
+  opt, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = _k.unpack(refs, ops)
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   acc = acc_ref.dtype
   q_len, kv_len = q_len_ref[b], kv_len_ref[b]
@@ -173,7 +165,7 @@ def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
 
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                 spec, ops, q_blocks):
-  opt, (dk_ref, dv_ref, dk_acc, dv_acc) = _unpack(refs, ops)
+  opt, (dk_ref, dv_ref, dk_acc, dv_acc) = _k.unpack(refs, ops)
   b, j, x = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   i = _k.rem(x, q_blocks)
   acc = dk_acc.dtype
@@ -206,7 +198,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
 def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
                spec, ops):
-  opt, outs = _unpack(refs, ops)
+  opt, outs = _k.unpack(refs, ops)
   dq_ref, db_ref, dq_acc = (outs[0], outs[1], outs[2]) if spec.bias else (outs[0], None, outs[1])
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   acc = dq_acc.dtype

@@ -31,9 +31,6 @@ from jax.experimental.pallas import triton as plt
 
 from jlayers import _attention_kernels as _k
 
-_ORDER = ("q_seg", "kv_seg", "mask", "bias", "sinks")
-
-
 def _load(ref, *index):
   """``ref[index]`` where an axis of size 1 (a broadcast mask or bias) is read whole."""
   index = tuple(ix if ref.shape[a] != 1 else
@@ -42,15 +39,10 @@ def _load(ref, *index):
   return ref[index]
 
 
-def _unpack(refs, ops):
-  names = [name for name in _ORDER if getattr(ops, name) is not None]
-  return dict(zip(names, refs[:len(names)])), refs[len(names):]
-
-
 def _forward_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, *refs, spec, ops):
   """One (batch, query head, query block): ``q_ref [bq, H]``, ``k_ref``, ``v_ref [Sp, H]``;
   writes ``o_ref [bq, H]`` and ``lse_ref [bq]``."""
-  opt, (o_ref, lse_ref) = _unpack(refs, ops)
+  opt, (o_ref, lse_ref) = _k.unpack(refs, ops)
   i = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k
   acc = lse_ref.dtype  # float32, or float64 for float64 inputs (the interpret-mode proof)
@@ -123,10 +115,11 @@ def _params(q):
 
 
 def _optional_specs(spec, ops, head_index, head_block, i_index, key_block):
-  """in_specs of the optional operands, in :data:`_ORDER`, for a grid of (batch, heads, …):
-  ``head_index(*grid)`` the head (block) and ``head_block`` its size (``None``: one head,
-  squeezed); ``i_index(*grid)`` the query block, or ``None`` for every row; ``key_block`` the
-  pair (keys per block, ``index(*grid)``), or (all keys, ``None``)."""
+  """in_specs of the optional operands, in :data:`jlayers._attention_kernels.ORDER`, for a
+  grid of (batch, heads, …): ``head_index(*grid)`` the head (block) and ``head_block`` its
+  size (``None``: one head, squeezed); ``i_index(*grid)`` the query block, or ``None`` for
+  every row; ``key_block`` the pair (keys per block, ``index(*grid)``), or (all keys,
+  ``None``)."""
   specs = []
   tp = _k.round_up(spec.t, spec.block_q)
   if ops.q_seg is not None:
@@ -147,7 +140,7 @@ def _optional_specs(spec, ops, head_index, head_block, i_index, key_block):
 
 
 def _optional(ops):
-  return [a for a in (getattr(ops, name) for name in _ORDER) if a is not None]
+  return [a for a in (getattr(ops, name) for name in _k.ORDER) if a is not None]
 
 
 def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
@@ -178,7 +171,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_l
                 spec, ops):
   """One (batch, key/value head, key block): ``dK``, ``dV`` of its keys summed over the
   group's query heads and the query blocks that see them."""
-  opt, (dk_ref, dv_ref) = _unpack(refs, ops)
+  opt, (dk_ref, dv_ref) = _k.unpack(refs, ops)
   j = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k
   acc = lse_ref.dtype
@@ -217,7 +210,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_le
   """One (batch, query head, query block): ``dQ`` of its rows over the key blocks they see,
   and the bias's gradient ``dz`` of those blocks (summed over rows or keys where the bias
   broadcasts)."""
-  opt, outs = _unpack(refs, ops)
+  opt, outs = _k.unpack(refs, ops)
   dq_ref, db_ref = outs[0], (outs[1] if spec.bias else None)
   i = pl.program_id(2)
   bq, bk = spec.block_q, spec.block_k

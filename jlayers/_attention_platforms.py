@@ -192,38 +192,41 @@ def _spec(config, q, k, extras, backend):
                     soft_cap=config.soft_cap, scale=config.scale)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _forward_kernels(config, backend, interpret, q, k, v, extras):
+  """``backend``'s forward kernel, its results as the XLA form's. Jitted with the static
+  configuration, so that a call of the same configuration and shapes (the next layer of a
+  model) reuses its trace instead of tracing the kernel again."""
+  spec, ops = _spec(config, q, k, extras, backend)
+  out, lse = _MODULES[backend].forward(q, k, v, spec, ops, interpret=interpret)
+  b, t, n, _ = q.shape
+  return out, jnp.where(lse == -jnp.inf, jnp.inf, lse).reshape(b, k.shape[2], -1, t)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _backward_kernels(config, backend, interpret, q, k, v, extras, g, lse, delta):
+  """``backend``'s backward kernels (see :func:`_forward_kernels`)."""
+  spec, ops = _spec(config, q, k, extras, backend)
+  b, t, n, _ = q.shape
+  lse = jnp.where(lse == jnp.inf, -jnp.inf, lse).reshape(b, n, t)
+  return _MODULES[backend].backward(q, k, v, g, lse, delta.reshape(b, n, t), spec, ops,
+                                    interpret=interpret)
+
+
 def forward(config, q, k, v, extras, *, xla):
   """``(output [B, T, N, H], log-sum-exp [B, K, G, T])`` in at least float32 (``+inf`` where a
   row sees nothing and has no sink), by the platform's evaluation; ``xla(config, q, k, v,
   extras)`` is the XLA form."""
-
-  def kernel(backend, interpret):
-    def run(q, k, v, extras):
-      spec, ops = _spec(config, q, k, extras, backend)
-      out, lse = _MODULES[backend].forward(q, k, v, spec, ops, interpret=interpret)
-      b, t, n, _ = q.shape
-      lse = jnp.where(lse == -jnp.inf, jnp.inf, lse).reshape(b, k.shape[2], -1, t)
-      return out, lse
-    return run
-
+  kernel = functools.partial(functools.partial, _forward_kernels, config)
   kinds = (("q", "kv", "kv", "extras"), ("q", "rows"))
   return _choose(q, k, extras, functools.partial(xla, config), kernel, kinds)(q, k, v, extras)
 
 
 def backward(config, q, k, v, extras, g, lse, delta, *, xla):
   """``(dQ, dK, dV, dbias or None)`` in at least float32 from the output cotangent ``g`` and
-  the residual log-sum-exp ``lse`` and ``δ = dO · O − \\bar L`` (both ``[B, K, G, T]``), by the
+  the residual log-sum-exp ``lse`` and ``δ = dO · O − \bar L`` (both ``[B, K, G, T]``), by the
   platform's evaluation; ``xla(config, q, k, v, extras, g, lse, delta)`` is the XLA form."""
-
-  def kernel(backend, interpret):
-    def run(q, k, v, extras, g, lse, delta):
-      spec, ops = _spec(config, q, k, extras, backend)
-      b, t, n, _ = q.shape
-      lse = jnp.where(lse == jnp.inf, -jnp.inf, lse).reshape(b, n, t)
-      return _MODULES[backend].backward(q, k, v, g, lse, delta.reshape(b, n, t), spec, ops,
-                                        interpret=interpret)
-    return run
-
+  kernel = functools.partial(functools.partial, _backward_kernels, config)
   kinds = (("q", "kv", "kv", "extras", "q", "rows", "rows"), ("q", "kv", "kv", "bias"))
   return _choose(q, k, extras, functools.partial(xla, config), kernel, kinds)(
       q, k, v, extras, g, lse, delta)
