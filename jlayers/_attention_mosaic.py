@@ -8,8 +8,9 @@ than a loop inside the kernel: the forward's grid is (batch, query head, query b
 block), and the running maximum, sum and output accumulator live in scratch memory across the
 key blocks of one query block, written out at the last. Blocks that no row can see
 (:func:`jlayers._attention_kernels.key_range`) do no arithmetic, and their copies are skipped:
-the index maps clamp the key block to the visible range (a block equal to the previous one is
-not copied again), from the lengths that arrive as scalar prefetch. The backward: one kernel
+the index maps clamp the key block (the query block, in the ``dK``, ``dV`` kernel) to the
+visible range (a block equal to the previous one is not copied again), from the lengths that
+arrive as scalar prefetch. The backward: one kernel
 with grid (batch, key/value head, key block, group head × query block) accumulates ``dK``,
 ``dV``; one with grid (batch, query head, query block, key block) accumulates ``dQ`` and
 writes each block of the bias's gradient (summed over the block's rows or keys where the bias
@@ -260,8 +261,10 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   kv_ops = ops._replace(sinks=None)
   laid = _operands(kv_ops)
 
-  def kv_index(bi, ki, j, x, *_):
-    return bi, ki * group + _k.div(x, nq), _k.rem(x, nq), j
+  def kv_index(bi, ki, j, x, q_len, kv_len):  # the query block clamped to those that see j
+    lo, end = _k.query_range(spec, j, q_len[bi], kv_len[bi])
+    i = jnp.clip(_k.rem(x, nq), lo, jnp.maximum(end - 1, lo))
+    return bi, ki * group + _k.div(x, nq), i, j
 
   rows = pl.BlockSpec((None, None, bq, h), lambda *g: kv_index(*g)[:3] + (0,))
   stats = pl.BlockSpec((None, None, bq, 1), lambda *g: kv_index(*g)[:3] + (0,))
