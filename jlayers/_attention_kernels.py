@@ -116,10 +116,10 @@ def block_sizes(backend: str, t: int, s: int) -> tuple[int, int]:
   return fit(t, bq), fit(s, bk)
 
 
-def fallback(backend: str, q, k, extras, *, interpret: bool = False) -> str | None:
-  """Why a call runs the XLA form instead of ``backend``'s kernel (interpreted on a CPU with
-  ``interpret``), or ``None`` when it takes the kernel (the conditions of this module's
-  docstring)."""
+def fallback(q, *, interpret: bool = False) -> str | None:
+  """Why a call with queries ``q`` runs the XLA form instead of a kernel (interpreted on a CPU
+  with ``interpret``), or ``None`` when it takes the kernel (the conditions of this module's
+  docstring; the mesh's are :mod:`jlayers._attention_platforms`')."""
   if q.shape[-1] > MAX_HEAD:
     return f"head size {q.shape[-1]} > {MAX_HEAD}"
   if not interpret and q.dtype == jnp.float64:

@@ -153,13 +153,13 @@ def _choose(q, k, extras, xla, kernel, kinds):
   branches = {}
   for platforms, backend in ((("cuda", "rocm"), "triton"), (("tpu",), "mosaic")):
     fn = xla
-    if layout is not None and not _k.fallback(backend, q, k, extras):
+    if layout is not None and not _k.fallback(q):
       fn = _per_device(kernel(backend, False), layout, q, extras, *kinds)
     branches.update(dict.fromkeys(platforms, fn))
   cpu = xla
   if forced == "native":
     backend = _interpreted.get()
-    if layout is not None and not _k.fallback(backend, q, k, extras, interpret=True):
+    if layout is not None and not _k.fallback(q, interpret=True):
       cpu = _per_device(kernel(backend, True), layout, q, extras, *kinds)
   if all(fn is xla for fn in (cpu, *branches.values())):
     return xla
