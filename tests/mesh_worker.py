@@ -150,6 +150,7 @@ def layout_rows() -> list[dict]:
   from jax.sharding import AxisType, NamedSharding  # noqa: PLC0415
   from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
+  import jlayers  # noqa: PLC0415
   from jlayers import testing  # noqa: PLC0415
   from jlayers.grids import GRIDS  # noqa: PLC0415
 
@@ -172,14 +173,18 @@ def layout_rows() -> list[dict]:
                                 *primals)
         return out, pullback(cot)
 
-      for impl, fn in (("manual", grid.manual), ("twin", grid.reference)):
+      # The manual rule in each formulation of a platform-dependent rule (attention's kernels
+      # run per device, interpreted); the twin has one.
+      forms = ("cpu", "native") if grid.platform_dependent else ("auto",)
+      for impl, fn, form in [("manual", grid.manual, f) for f in forms] + [
+          ("twin", grid.reference, forms[0])]:
         want = jax.jit(run, static_argnums=3)(tuple(args[i] for i in case.diff), args, cot, fn)
         for mode, axis_type in (("explicit", AxisType.Explicit), ("auto", AxisType.Auto)):
           row = {"op": grid.name, "layout": layout.id, "impl": impl, "mode": mode,
-                 "explicit_only": layout.explicit_only}
+                 "formulation": form, "explicit_only": layout.explicit_only}
           mesh = jax.make_mesh(sizes, names, axis_types=(axis_type,) * len(names))
           try:
-            with jax.set_mesh(mesh):
+            with jax.set_mesh(mesh), jlayers.formulation(form):
               s_args = tuple(jax.device_put(a, NamedSharding(mesh, P(*spec)))
                              for a, spec in zip(args, layout.specs))
               # The cotangent laid out as the next layer would read the output (its per-example

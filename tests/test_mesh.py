@@ -61,22 +61,28 @@ def test_rule_on_a_batch_split_over_eight_devices(report, op, case, form, impl, 
     assert row["batch_sized"] == 0, row["shapes"]
 
 
-LAYOUT_ROWS = [pytest.param(grid.name, layout.id, impl, mode,
-                             id=f"{grid.name}-{layout.id}-{impl}-{mode}")
+LAYOUT_ROWS = [pytest.param(grid.name, layout.id, impl, form, mode,
+                             id=f"{grid.name}-{layout.id}-{impl}-{form}-{mode}")
                for grid in GRIDS.values() for layout in grid.layouts
-               for impl in ("manual", "twin") for mode in ("explicit", "auto")]
+               for impl, form in (
+                   [("manual", f) for f in (("cpu", "native") if grid.platform_dependent
+                                            else ("auto",))]
+                   + [("twin", "cpu" if grid.platform_dependent else "auto")])
+               for mode in ("explicit", "auto")]
 
 
-@pytest.mark.parametrize("op, layout, impl, mode", LAYOUT_ROWS)
-def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout, impl, mode):
+@pytest.mark.parametrize("op, layout, impl, form, mode", LAYOUT_ROWS)
+def test_rule_with_sharded_parameters_on_a_data_by_model_mesh(report, op, layout, impl, form,
+                                                              mode):
   """Parameters sharded as FSDP (over ``data``) or tensor parallelism (over ``model``) shard
   them, the batch split over ``data``, on a 2 × 4 mesh: value and gradient under jit compile
-  for the rule and its twin, with explicit and auto axes, equal one device, and each gradient
+  for the rule (in each formulation: attention's kernels per device, heads split over
+  ``model``) and its twin, with explicit and auto axes, equal one device, and each gradient
   comes back laid out as its argument. The manual rule gathers nothing the layout does not
   need: no whole argument but those the layout gathers (FSDP's weights), nothing with the
   global batch (for a vocabulary-parallel cross-entropy, under explicit axes only: auto axes
   hide ``w``'s layout from the rule, which then gathers ``w``)."""
-  row = _row(report, "layouts", op=op, layout=layout, impl=impl, mode=mode)
+  row = _row(report, "layouts", op=op, layout=layout, impl=impl, formulation=form, mode=mode)
   assert row["compiles"], row.get("error")
   assert row["rel_err"] <= REL_TOL, row
   assert row["laid_out"], row
