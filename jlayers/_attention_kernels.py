@@ -116,6 +116,34 @@ def block_sizes(backend: str, t: int, s: int) -> tuple[int, int]:
   return fit(t, bq), fit(s, bk)
 
 
+def head_major(block: int, *arrays, features: int | None = None):
+  """``[B, T, N, H]`` arrays (one ``T``) head-major and padded: ``[B, N, Tp, Hp]`` with ``Tp``
+  a whole number of ``block`` rows and ``Hp = features`` (zero features; default ``H``)."""
+  size = round_up(arrays[0].shape[1], block)
+  return [jnp.pad(a, ((0, 0), (0, size - a.shape[1]), (0, 0),
+                      (0, (features or a.shape[3]) - a.shape[3]))).transpose(0, 2, 1, 3)
+          for a in arrays]
+
+
+def from_head_major(a, length: int, features: int):
+  """The first ``length`` rows and ``features`` features of a kernel's ``[B, N, Tp, Hp]``
+  result, as ``[B, T, N, H]``."""
+  return a[:, :, :length, :features].transpose(0, 2, 1, 3)
+
+
+def bias_gradient(db, spec: Spec):
+  """A kernel's bias gradient, ``[B, N, Tp, Sx]`` or, where the bias broadcasts along
+  queries, per query block (``[B, N, blocks, Sx]``, or ``[B, N, blocks, 1, Sx]`` on Mosaic),
+  summed over those blocks and the batch and heads the bias broadcasts along, and unpadded to
+  the bias's own ``[Bb, Nb, Tb, Sb]``."""
+  b, n = db.shape[:2]
+  if not spec.bias[2]:
+    db = jnp.sum(db, axis=2).reshape(b, n, 1, db.shape[-1])
+  axes = tuple(a for a in (0, 1) if not spec.bias[a])
+  db = jnp.sum(db, axis=axes, keepdims=True) if axes else db
+  return db[:, :, :spec.t if spec.bias[2] else 1, :spec.s if spec.bias[3] else 1]
+
+
 def fallback(q, *, interpret: bool = False) -> str | None:
   """Why a call with queries ``q`` runs the XLA form instead of a kernel (interpreted on a CPU
   with ``interpret``), or ``None`` when it takes the kernel (the conditions of this module's

@@ -118,13 +118,6 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, spec, ops
                              jnp.full_like(m, -jnp.inf))
 
 
-def _heads(block, *arrays):
-  """``[B, T, N, H]`` arrays head-major, padded to whole blocks: ``[B, N, Tp, H]``."""
-  size = _k.round_up(arrays[0].shape[1], block)
-  return [jnp.pad(a, ((0, 0), (0, size - a.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
-          for a in arrays]
-
-
 def _interpret(interpret):
   return pltpu.InterpretParams() if interpret else False
 
@@ -134,8 +127,8 @@ def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
   ``[B, T, N, H]`` and log-sum-exp ``[B, N, T]`` in float32 (float64 for float64 inputs)."""
   b, t, n, h = q.shape
   acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-  qh, = _heads(spec.block_q, q)
-  kh, vh = _heads(spec.block_k, k, v)
+  qh, = _k.head_major(spec.block_q, q)
+  kh, vh = _k.head_major(spec.block_k, k, v)
   tp, sp = qh.shape[2], kh.shape[2]
   bq, bk, group = spec.block_q, spec.block_k, spec.group
 
@@ -161,7 +154,7 @@ def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=_interpret(interpret),
   )(ops.q_len, ops.kv_len, qh, kh, vh, *_operands(ops))
-  return out[:, :, :t].transpose(0, 2, 1, 3), lse[:, :, :t, 0]
+  return _k.from_head_major(out, t, h), lse[:, :, :t, 0]
 
 
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
@@ -251,8 +244,8 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
   heads, group = k.shape[2], spec.group
   acc = lse.dtype
   bq, bk = spec.block_q, spec.block_k
-  qh, doh = _heads(spec.block_q, q, d_out)
-  kh, vh = _heads(spec.block_k, k, v)
+  qh, doh = _k.head_major(spec.block_q, q, d_out)
+  kh, vh = _k.head_major(spec.block_k, k, v)
   tp, sp = qh.shape[2], kh.shape[2]
   nq, nk = tp // bq, sp // bk
   lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=-jnp.inf)[..., None]
@@ -308,11 +301,6 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
           out_specs=out_specs, scratch_shapes=[pltpu.VMEM((bq, h), acc)]),
       out_shape=out_shape, compiler_params=sem, interpret=_interpret(interpret),
   )(ops.q_len, ops.kv_len, qh, kh, vh, doh, lse, delta, *laid)
-  unpad = lambda a, size: a[:, :, :size].transpose(0, 2, 1, 3)  # noqa: E731
-  dbias = None
-  if spec.bias:
-    db = outs[1] if spec.bias[2] else jnp.sum(outs[1], axis=2)  # the query blocks' sums
-    axes = tuple(a for a in (0, 1) if not spec.bias[a])
-    db = jnp.sum(db, axis=axes, keepdims=True) if axes else db
-    dbias = db[:, :, :t if spec.bias[2] else 1, :spec.s if spec.bias[3] else 1]
-  return unpad(outs[0], t), unpad(dk, spec.s), unpad(dv, spec.s), dbias
+  dbias = _k.bias_gradient(outs[1], spec) if spec.bias else None
+  return (_k.from_head_major(outs[0], t, h), _k.from_head_major(dk, spec.s, h),
+          _k.from_head_major(dv, spec.s, h), dbias)

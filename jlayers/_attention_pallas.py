@@ -85,16 +85,9 @@ def _heads(q, k, v, *rest, spec):
   """Head-major, padded to whole blocks and to a power-of-two head size of at least 16:
   ``q`` (and the ``rest``, shaped as ``q``) as ``[B, N, Tp, Hp]``, ``k``, ``v`` as
   ``[B, K, Sp, Hp]``."""
-  h = q.shape[3]
-  hp = max(16, 1 << (h - 1).bit_length())
-  tp, sp = _k.round_up(spec.t, spec.block_q), _k.round_up(spec.s, spec.block_k)
-
-  def padded(a, length):
-    return jnp.pad(a, ((0, 0), (0, length - a.shape[1]), (0, 0), (0, hp - h))).transpose(
-        0, 2, 1, 3)
-
-  return ((padded(q, tp), padded(k, sp), padded(v, sp)) +
-          tuple(padded(a, tp) for a in rest))
+  hp = max(16, 1 << (q.shape[3] - 1).bit_length())
+  qh, *rest = _k.head_major(spec.block_q, q, *rest, features=hp)
+  return (qh, *_k.head_major(spec.block_k, k, v, features=hp), *rest)
 
 
 def _pair_spec(full, shape_full, index_full):
@@ -164,7 +157,7 @@ def forward(q, k, v, spec: _k.Spec, ops: _k.Operands, *, interpret=False):
       out_shape=[jax.ShapeDtypeStruct((b, n, tp, hp), acc), jax.ShapeDtypeStruct((b, n, tp), acc)],
       compiler_params=_params(qh), interpret=interpret,
   )(qh, kh, vh, ops.q_len, ops.kv_len, *_optional(ops))
-  return out[:, :, :t, :h].transpose(0, 2, 1, 3), lse[:, :, :t]
+  return _k.from_head_major(out, t, h), lse[:, :, :t]
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_len_ref, kv_len_ref, *refs,
@@ -307,18 +300,7 @@ def backward(q, k, v, d_out, lse, delta, spec: _k.Spec, ops: _k.Operands, *, int
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=params, interpret=interpret,
   )(qh, kh, vh, doh, lse, delta, ops.q_len, ops.kv_len, *_optional(kv_ops))
-  unpad = lambda a, size: a[:, :, :size, :h].transpose(0, 2, 1, 3)  # noqa: E731
-  dbias = None
-  if spec.bias:
-    dbias = _bias_gradient(outs[1], ops.bias.shape, spec)
-  return unpad(outs[0], t), unpad(dk, spec.s), unpad(dv, spec.s), dbias
+  dbias = _k.bias_gradient(outs[1], spec) if spec.bias else None
+  return (_k.from_head_major(outs[0], t, h), _k.from_head_major(dk, spec.s, h),
+          _k.from_head_major(dv, spec.s, h), dbias)
 
-
-def _bias_gradient(db, shape, spec):
-  """The kernel's per-(batch, head) bias gradient ``[B, N, Tx, Sx]`` summed to the bias's
-  own (padded) ``shape`` and unpadded to ``[Bb, Nb, Tb, Sb]``."""
-  if not spec.bias[2]:
-    db = jnp.sum(db, axis=2, keepdims=True)  # the query blocks' partial sums
-  axes = tuple(a for a in (0, 1) if not spec.bias[a])
-  db = jnp.sum(db, axis=axes, keepdims=True) if axes else db
-  return db[:, :, :spec.t if spec.bias[2] else 1, :spec.s if spec.bias[3] else 1]

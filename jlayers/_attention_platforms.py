@@ -46,13 +46,8 @@ _MODULES = {"triton": _attention_pallas, "mosaic": _attention_mosaic}
 def interpreting(backend: str) -> Iterator[None]:
   """Under ``formulation("native")`` on a CPU, interpret ``backend``'s kernels (``"triton"``,
   the default, or ``"mosaic"``) while tracing inside the block."""
-  if backend not in _MODULES:
-    raise ValueError(f"interpreting: backend must be one of {tuple(_MODULES)}, got {backend!r}")
-  token = _interpreted.set(backend)
-  try:
+  with _platform.setting(_interpreted, "interpreting: backend", backend, tuple(_MODULES)):
     yield
-  finally:
-    _interpreted.reset(token)
 
 
 def whole_sequences(q, k, v):

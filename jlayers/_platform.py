@@ -47,13 +47,23 @@ def formulation(name: str) -> Iterator[None]:
     >>> g[0, :, :, 0].astype(int).tolist()
     [[0, 0, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 0, 1]]
   """
-  if name not in FORMULATIONS:
-    raise ValueError(f"formulation: name must be one of {FORMULATIONS}, got {name!r}")
-  token = _forced.set(name)
+  with setting(_forced, "formulation: name", name, FORMULATIONS):
+    yield
+
+
+@contextlib.contextmanager
+def setting(var: contextvars.ContextVar, what: str, value: str,
+            choices: tuple[str, ...]) -> Iterator[None]:
+  """``var`` set to ``value`` (one of ``choices``, else a ``ValueError`` naming ``what``, the
+  function and argument) inside the block: the switches read while tracing (:func:`formulation`, and attention's choice of
+  kernels to interpret)."""
+  if value not in choices:
+    raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+  token = var.set(value)
   try:
     yield
   finally:
-    _forced.reset(token)
+    var.reset(token)
 
 
 def forced() -> str:
