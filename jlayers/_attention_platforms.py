@@ -67,13 +67,12 @@ def whole_sequences(q, k, v):
 def _layout(q, k, extras):
   """``(batch axes, head axes)``: the mesh axes that split the batch and the heads of
   ``q``, ``k``, ``v`` (``((), ())`` without a mesh), or ``None`` where a kernel per device
-  cannot take the layout (a sequence or feature axis split, or heads split unlike ``k``'s).
-  The batch's axes are read as :func:`jlayers._sharding.split_axis` reads them (with auto
-  axes: all of them, where they divide the batch); heads are split only by explicit axes."""
+  cannot take the layout (heads or batch split unlike ``k``'s; sequence and feature axes are
+  whole, :func:`whole_sequences`). The batch's axes are read as
+  :func:`jlayers._sharding.split_axis` reads them (with auto axes: all of them, where they
+  divide the batch); heads are split only by explicit axes."""
   _, batch, _ = _sharding.split_axis(q, 0)
   heads = _sharding.axis_names(_sharding.entry(q, 2))
-  if any(_sharding.entry(a, axis) for a in (q, k) for axis in (1, 3)):
-    return None
   if _sharding.axis_names(_sharding.entry(k, 2)) != heads or (
       heads and k.shape[2] % _sharding.mesh_size(heads)):
     return None
